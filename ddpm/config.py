@@ -1,0 +1,333 @@
+"""One typed configuration, loaded from ``params.yaml``.
+
+Each top-level section of ``params.yaml`` maps to one frozen dataclass below;
+``Config`` holds them all. Loading validates every key and type and fails with
+a ``ConfigError`` that names the offending ``section.key``. Units are part of
+field names (``lr_warmup_steps``, ``ema_halflife_steps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml section, key or value that is not valid."""
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}={value!r} must be {bound}")
+
+
+PREPARE_SOURCES = ("fashion_mnist", "imagefolder", "hub", "parquet", "arrow")
+SCHEDULES = ("linear", "cosine", "sigmoid")
+OBJECTIVES = ("eps", "v", "x0")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+LR_SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Turn a raw image source into a prepared uint8 data set under ``out_dir``."""
+
+    source: str = "fashion_mnist"
+    source_path: str = "/usr/share/datasets/fashion-mnist"
+    out_dir: str = "data/prepared"
+    resolution: int = 28
+    channels: int = 0  # 0: take it from the data (1 for grey, 3 for colour)
+    holdout_fraction: float = 0.1  # used only when the source has no test split
+    max_images: int = 0  # 0: all; otherwise the first N of each split (small runs)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("prepare.source", self.source, PREPARE_SOURCES)
+        _positive("prepare.resolution", self.resolution)
+        if self.channels not in (0, 1, 3):
+            raise ConfigError(f"prepare.channels={self.channels!r} must be 0 (auto), 1 or 3")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"prepare.holdout_fraction={self.holdout_fraction!r} must be in (0, 1)")
+        _positive("prepare.max_images", self.max_images, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """UNet shape. Level i works at resolution / 2**i."""
+
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    blocks_per_level: int = 1
+    attention_resolutions: tuple[int, ...] = (7,)
+    attention_heads: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("model.base_channels", self.base_channels)
+        _positive("model.blocks_per_level", self.blocks_per_level)
+        _positive("model.attention_heads", self.attention_heads)
+        if not self.channel_mults or any(m <= 0 for m in self.channel_mults):
+            raise ConfigError(f"model.channel_mults={list(self.channel_mults)!r} must be a non-empty list of positive ints")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and what the network predicts."""
+
+    schedule: str = "cosine"
+    timesteps: int = 1000
+    objective: str = "eps"
+
+    def __post_init__(self) -> None:
+        _choice("diffusion.schedule", self.schedule, SCHEDULES)
+        _choice("diffusion.objective", self.objective, OBJECTIVES)
+        _positive("diffusion.timesteps", self.timesteps)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1400
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    lr_warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0  # 0: no clipping
+    grad_accum_steps: int = 1
+    ema_halflife_steps: float = 100.0
+    ema_rampup_ratio: float = 0.1  # half-life is min(halflife, ratio * step); 0: no ramp-up
+    min_snr_gamma: float = 0.0  # 0: plain MSE (Hang et al. 2023 use 5)
+    hflip: bool = False
+    mixed_precision: str = "auto"
+    compile: bool = False
+    channels_last: bool = False
+    device: str = "auto"
+    seed: int = 0
+    log_every_steps: int = 25
+    checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 3
+    checkpoint_dir: str = "checkpoints"
+    out_dir: str = "models"
+    loss_path: str = "metrics/train_loss.csv"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr", "grad_accum_steps", "log_every_steps",
+                     "checkpoint_every_steps", "keep_checkpoints"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("lr_warmup_steps", "weight_decay", "grad_clip_norm", "ema_halflife_steps",
+                     "ema_rampup_ratio", "min_snr_gamma"):
+            _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("train.mixed_precision", self.mixed_precision, PRECISIONS)
+        _choice("train.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "dpm_solver++"
+    steps: int = 20
+    eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
+    timestep_spacing: str = "trailing"
+    clip_x0: bool = True  # clamp predicted x_0 to [-1, 1] at every step
+    num_samples: int = 256
+    batch_size: int = 128
+    seed: int = 0
+    model: str = "models/model.safetensors"  # a checkpoint path, or models:/<name>@<alias> | models:/<name>/<version>
+    device: str = "auto"
+    out_dir: str = "samples"
+
+    def __post_init__(self) -> None:
+        _choice("sample.sampler", self.sampler, SAMPLERS)
+        _choice("sample.timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        _choice("sample.device", self.device, DEVICES)
+        for name in ("steps", "num_samples", "batch_size"):
+            _positive(f"sample.{name}", getattr(self, name))
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"sample.eta={self.eta!r} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    classifier_epochs: int = 2
+    classifier_batch_size: int = 256
+    classifier_lr: float = 2e-3
+    cache_dir: str = ".cache/ddpm"
+    device: str = "auto"
+    seed: int = 0
+    metrics_path: str = "metrics/metrics.json"
+
+    def __post_init__(self) -> None:
+        for name in ("classifier_epochs", "classifier_batch_size", "classifier_lr"):
+            _positive(f"evaluate.{name}", getattr(self, name))
+        _choice("evaluate.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow names. The store itself comes from MLFLOW_TRACKING_URI or the project root."""
+
+    experiment: str = "ddpm"
+    model_name: str = "ddpm-fashion-mnist"
+
+
+@dataclass(frozen=True)
+class Config:
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (tuples as lists), as written to params.yaml."""
+        return {f.name: _plain(dataclasses.asdict(getattr(self, f.name))) for f in dataclasses.fields(self)}
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.001, ...}``, the form MLflow params take."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; valid keys: {', '.join(choices)}"
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation ``hint``; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list of {inner.__name__}")
+        return tuple(_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false, not {type(value).__name__}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer, not {type(value).__name__}")
+        return value
+    if hint is float:
+        # PyYAML follows YAML 1.1 and reads "1e-4" (no dot) as a string; DVC writes it so.
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number, not {type(value).__name__}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string, not {type(value).__name__}")
+        return value
+    raise TypeError(f"unsupported config annotation {hint!r} for {key}")
+
+
+def _build_section(section: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section {section!r} must be a mapping of keys to values, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown key {section}.{key}{_suggest(str(key), known)}")
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any] | None) -> Config:
+    """Validate a nested dict (as read from params.yaml) into a ``Config``."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params must be a mapping of sections, got {type(raw).__name__}")
+    hints = typing.get_type_hints(Config)
+    sections = [f.name for f in dataclasses.fields(Config)]
+    for key in raw:
+        if key not in sections:
+            raise ConfigError(f"unknown section {key!r}{_suggest(str(key), sections).replace('keys', 'sections')}")
+    return Config(**{s: _build_section(s, hints[s], raw.get(s)) for s in sections})
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"train.lr=3e-4"`` -> ``("train", "lr", 0.0003)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    path, value_text = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r} must name one section and one key, like train.steps=100")
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts[0], parts[1], value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``section.key=value`` overrides applied (not yet validated)."""
+    out = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {path} is not valid YAML: {exc}") from None
+    return raw or {}
+
+
+def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Read ``params.yaml``, apply ``-S`` overrides, validate; raises ``ConfigError``."""
+    return from_dict(apply_overrides(read_params(path), overrides or []))
+
+
+def write_params(path: str | Path, raw: dict[str, Any]) -> None:
+    """Write params atomically, so a crash never leaves a half-written params.yaml."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False, default_flow_style=None))
+    tmp.replace(path)
