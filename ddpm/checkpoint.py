@@ -1,0 +1,106 @@
+"""Crash-safe checkpoints in one safetensors file each.
+
+A checkpoint holds tensors (model, EMA, optimizer moments, RNG states) and a
+JSON metadata block. Files are written to a temporary name, fsynced, then
+renamed, so a killed process leaves either the old or the new file, never half
+of one. A sha256 over the tensor bytes, stored in the metadata, catches
+corruption that the safetensors header alone would miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+_NAME = re.compile(r"step-(\d{9})\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write tensors + JSON-able ``meta`` atomically to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data = st_save(tensors, metadata={"meta": json.dumps(meta), "sha256": _digest(tensors)})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and verify one checkpoint; raises ``CheckpointError`` if it is missing or damaged."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        info = header.get("__metadata__") or {}
+        meta = json.loads(info["meta"])
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (SafetensorError, ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({exc})") from None
+    if info.get("sha256") != _digest(tensors):
+        raise CheckpointError(f"checkpoint {path} is corrupt: tensor checksum does not match")
+    return tensors, meta
+
+
+def step_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step-{step:09d}.safetensors"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoint files in ``directory``, oldest step first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if _NAME.search(p.name)), key=lambda p: int(_NAME.search(p.name).group(1)))
+
+
+def latest_valid(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest checkpoint that loads; damaged newer ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            tensors, meta = load(path)
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=2)
+            continue
+        return path, tensors, meta
+    return None
+
+
+def prune(directory: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for path in list_checkpoints(directory)[:-keep]:
+        path.unlink(missing_ok=True)
