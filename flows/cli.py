@@ -1,0 +1,209 @@
+"""The ``ddpm`` command: one subcommand per pipeline stage, plus ``pipeline``.
+
+Each stage subcommand reads ``params.yaml`` (``-S section.key=value`` overrides
+it in memory), runs one pure function from ``ddpm``, and logs to MLflow.
+``dvc.yaml`` runs these same subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ddpm import config as config_mod
+from ddpm.config import Config, ConfigError
+
+EXIT_USAGE = 2
+
+
+def _load(args) -> Config:
+    return config_mod.load(args.params, args.set)
+
+
+def _tracked(args) -> bool:
+    return not args.no_track and os.environ.get("DDPM_TRACKING", "1") != "0"
+
+
+def cmd_prepare(args) -> None:
+    from ddpm.prepare import prepare
+
+    prepare(_load(args).prepare)
+
+
+def cmd_train(args) -> None:
+    from ddpm.prepare import load_manifest
+    from ddpm.train import checkpoint_dir, train
+    from flows.tracking import write_run_file
+
+    cfg = _load(args)
+    prepared = cfg.prepare.out_dir
+    if not _tracked(args):
+        result = train(cfg, prepared, fresh=args.fresh)
+        summary = _train_summary(result)
+        write_run_file(cfg.train.out_dir, {**summary, "run_id": None})
+        return
+    from flows import tracking
+
+    # The run id sits beside the checkpoints, so a rerun after a crash continues the same run.
+    ckpt_dir = checkpoint_dir(cfg, prepared)
+    previous = None if args.fresh else tracking.read_run_file(ckpt_dir)
+    run_id = tracking.start_train_run(".", cfg, load_manifest(prepared)["content_hash"],
+                                      (previous or {}).get("run_id"))
+    write_run_file(ckpt_dir, {"run_id": run_id})
+    buffer = tracking.MetricBuffer(".", run_id)
+
+    def callback(event: dict) -> None:
+        if event["event"] == "log":
+            buffer.add({"train_loss": event["loss"], "lr": event["lr"], "images_per_s": event["images_per_s"]},
+                       step=event["step"])
+        elif event["event"] == "start":
+            buffer.add({"num_parameters": event["num_parameters"]}, step=event["step"])
+
+    try:
+        result = train(cfg, prepared, callback=callback, fresh=args.fresh)
+        buffer.flush()
+    except BaseException:
+        tracking.end_run(".", run_id, "FAILED")
+        raise
+    tracking.log_artifacts(".", run_id, [result.loss_csv, args.params])
+    version = tracking.register_model(".", run_id, result.model_path, cfg)
+    write_run_file(cfg.train.out_dir, {**_train_summary(result), "run_id": run_id,
+                                       "model_name": cfg.tracking.model_name, "model_version": version})
+
+
+def _train_summary(result) -> dict:
+    print(f"trained to step {result.steps}: final loss {result.final_loss:.4f}, "
+          f"{result.images_per_s:.1f} img/s -> {result.model_path}")
+    return {"steps": result.steps, "final_loss": result.final_loss, "images_per_s": round(result.images_per_s, 2),
+            "num_parameters": result.num_parameters, "resumed_from_step": result.resumed_from_step}
+
+
+def _log_stage_params(run_id: str, section: str, values: dict) -> str:
+    """Log ``section.*`` params to the run; if the run already has other values (a rerun of this
+    stage with new settings on a cached model), log into a new child run of it instead."""
+    from mlflow.exceptions import MlflowException
+
+    from flows import tracking
+
+    params = {f"{section}.{k}": v for k, v in values.items()}
+    try:
+        tracking.log_params(".", run_id, params)
+        return run_id
+    except (MlflowException, RuntimeError) as exc:
+        if "Changing param values is not allowed" not in str(exc) and "INVALID_PARAMETER_VALUE" not in str(exc):
+            raise
+    c = tracking.client(".")
+    parent = c.get_run(run_id)
+    child = c.create_run(parent.info.experiment_id, tags={"mlflow.parentRunId": run_id,
+                                                          "mlflow.source.name": f"ddpm {section}"})
+    child_id = child.info.run_id
+    print(f"MLflow: {section} settings differ from run {run_id}'s; logging into child run {child_id}")
+    tracking.log_params(".", child_id, params)
+    return child_id
+
+
+def cmd_sample(args) -> None:
+    from dataclasses import asdict, replace
+
+    from ddpm.export import load_model
+    from ddpm.sample import sample_stage
+
+    cfg = _load(args)
+    scfg = replace(cfg.sample, model=args.model) if args.model else cfg.sample
+    if _tracked(args) or scfg.model.startswith("models:/"):
+        from flows import tracking
+
+        weights, run_id = tracking.resolve_model(".", scfg.model, Path(scfg.out_dir) / ".download")
+    else:
+        weights, run_id = Path(scfg.model), None
+    loaded = load_model(weights)
+    summary = sample_stage(loaded, scfg, source=scfg.model)
+    run_id = os.environ.get("MLFLOW_RUN_ID") or run_id
+    if _tracked(args) and run_id:
+        from flows import tracking
+
+        run_id = _log_stage_params(run_id, "sample", {k: v for k, v in asdict(scfg).items() if k != "out_dir"})
+        tracking.log_artifacts(".", run_id, [Path(scfg.out_dir) / "grid.png", Path(scfg.out_dir) / "summary.json"],
+                               artifact_path="samples")
+        tracking.MetricBuffer(".", run_id).add({"sample_images_per_s": summary["images_per_s"]}, step=0)
+    from flows.tracking import write_run_file
+
+    write_run_file(scfg.out_dir, {"run_id": run_id if _tracked(args) else None, "model": scfg.model})
+
+
+def cmd_evaluate(args) -> None:
+    from dataclasses import asdict
+
+    from ddpm.evaluate import evaluate
+
+    cfg = _load(args)
+    samples_dir = Path(cfg.sample.out_dir)
+    metrics = evaluate(cfg.prepare.out_dir, samples_dir / "samples.npz", cfg.evaluate)
+    from flows.tracking import read_run_file
+
+    run_id = os.environ.get("MLFLOW_RUN_ID") or (read_run_file(samples_dir) or {}).get("run_id")
+    if _tracked(args) and run_id:
+        from flows import tracking
+
+        run_id = _log_stage_params(run_id, "evaluate", asdict(cfg.evaluate))
+        tracking.MetricBuffer(".", run_id).add({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
+        metrics_path = Path(cfg.evaluate.metrics_path)
+        tracking.log_artifacts(".", run_id, [metrics_path, metrics_path.parent / "class_histogram.csv", "dvc.lock"],
+                               artifact_path="evaluation")
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_pipeline(args) -> None:
+    from flows.pipeline import run_pipeline
+
+    run_pipeline(root=".", params=args.params, overrides=args.set)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm", description="Train, sample and evaluate DDPM image models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("-S", "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one parameter (repeatable), e.g. -S train.steps=200")
+        p.set_defaults(fn=fn)
+        return p
+
+    add("prepare", cmd_prepare, "prepare the data set (section: prepare)")
+    p = add("train", cmd_train, "train the model (sections: model, diffusion, train)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start from step 0")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p = add("sample", cmd_sample, "generate samples (section: sample)")
+    p.add_argument("--model", help="checkpoint path or models:/<name>@<alias> | models:/<name>/<version>")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p = add("evaluate", cmd_evaluate, "evaluate the samples (section: evaluate)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    add("pipeline", cmd_pipeline, "run the whole pipeline as a Prefect flow over the DVC stages; "
+        "-S overrides are written to params.yaml first, as `dvc exp run -S` does")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        from ddpm.checkpoint import CheckpointError
+
+        if isinstance(exc, CheckpointError):
+            print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The Prefect flow: prepare -> train -> sample -> evaluate, as one pipeline with DVC.
+
+Each task reproduces its DVC stage (``dvc.repo.Repo.reproduce(stage)``), so DVC
+decides what is stale, runs the stage's ``ddpm`` command, caches its outputs and
+writes ``dvc.lock``: after a flow run ``dvc status`` is clean, and a second run
+with unchanged inputs skips every stage. Stages run one at a time (DVC locks
+the workspace). The flow ends by pushing outputs to the default DVC remote and
+publishing a markdown artifact with the metrics and where the results are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from ddpm import config as config_mod
+from flows import tracking
+
+STAGES = ("prepare", "train", "sample", "evaluate")
+# Retries per stage. A retried train stage resumes from its newest checkpoint and MLflow run.
+RETRIES = {"prepare": 1, "train": 2, "sample": 1, "evaluate": 1}
+RETRY_DELAY_S = [5, 30]
+
+
+def apply_overrides_to_params(params_path: str | Path, overrides: list[str]) -> None:
+    """Validate ``section.key=value`` overrides, then write them into params.yaml, keeping its
+    comments (what ``dvc exp run -S`` does). An invalid override writes nothing."""
+    if not overrides:
+        return
+    config_mod.load(params_path, overrides)  # raises ConfigError naming the bad key before any write
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    path = Path(params_path)
+    doc = yaml.load(path.read_text())
+    for text in overrides:
+        section, key, value = config_mod.parse_override(text)
+        doc.setdefault(section, {})[key] = value
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.dump(doc, f)
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _in_dir(path: str):
+    """DVC resolves some stage paths against the working directory, as its CLI runs from the root."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+@task(name="reproduce-stage", task_run_name="{stage}", cache_policy=None, log_prints=True)
+def reproduce_stage(root: str, stage: str) -> dict:
+    """Bring one DVC stage up to date; returns whether it ran and how long it took."""
+    from dvc.repo import Repo
+
+    logger = get_run_logger()
+    logger.info("stage %s: checking with DVC", stage)
+    t0 = time.perf_counter()
+    with _in_dir(root), Repo(root) as repo:
+        done = repo.reproduce(stage, single_item=True)
+    seconds = time.perf_counter() - t0
+    ran = bool(done)
+    logger.info("stage %s: %s in %.1f s", stage, "reproduced" if ran else "up to date, skipped", seconds)
+    return {"stage": stage, "ran": ran, "seconds": round(seconds, 1)}
+
+
+@task(name="push-to-dvc-remote", cache_policy=None, retries=1, retry_delay_seconds=5)
+def push_outputs(root: str) -> int:
+    """``dvc push`` to the default remote, so a fresh clone can ``dvc pull`` the results."""
+    from dvc.repo import Repo
+
+    with _in_dir(root), Repo(root) as repo:
+        pushed = repo.push()
+    get_run_logger().info("dvc push: %s files pushed to the default remote", pushed)
+    return pushed
+
+
+def _report(root: Path, cfg, results: list[dict]) -> str:
+    metrics_path = root / cfg.evaluate.metrics_path
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    run = tracking.read_run_file(root / cfg.train.out_dir) or {}
+    lines = ["# DDPM pipeline", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {'ran' if r['ran'] else 'up to date'} | {r['seconds']} |" for r in results]
+    lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in metrics.items()]
+    lines += ["", "## Where to look", "",
+              f"- sample grid: `{(root / cfg.sample.out_dir / 'grid.png').resolve()}`",
+              f"- model: `{(root / cfg.train.out_dir / 'model.safetensors').resolve()}`",
+              f"- MLflow run: `{run.get('run_id')}` in `{tracking.tracking_uri(root)}`",
+              f"- registered model: `models:/{run.get('model_name')}/{run.get('model_version')}`"]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="ddpm-pipeline", log_prints=True)
+def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: bool = True) -> dict:
+    """Run every stage that DVC finds stale; ``overrides`` are ``section.key=value`` strings."""
+    from prefect.runtime import flow_run
+
+    root_path = Path(root).resolve()
+    if not (root_path / ".dvc").is_dir():
+        raise FileNotFoundError(f"{root_path} is not a DVC repository (no .dvc folder): run `git init && dvc init` "
+                                "there, or run the pipeline from the project root")
+    params = root_path / "params.yaml"
+    apply_overrides_to_params(params, list(overrides or []))
+    cfg = config_mod.load(params)
+    if flow_run.id:
+        os.environ[tracking.ENV_FLOW_RUN_ID] = str(flow_run.id)
+    tracking.quiet_env()
+    # DVC runs each stage's `ddpm ...` command in a shell: make it the one beside this interpreter.
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    results = []
+    for stage in STAGES:
+        task_fn = reproduce_stage.with_options(retries=RETRIES[stage], retry_delay_seconds=RETRY_DELAY_S)
+        results.append(task_fn(str(root_path), stage))
+    pushed = push_outputs(str(root_path)) if push else 0
+    report = _report(root_path, cfg, results)
+    create_markdown_artifact(report, key="ddpm-pipeline-report", description="metrics and where the results are")
+    print(report)
+    metrics_path = root_path / cfg.evaluate.metrics_path
+    return {"stages": results, "pushed": pushed,
+            "metrics": json.loads(metrics_path.read_text()) if metrics_path.exists() else {},
+            "run": tracking.read_run_file(root_path / cfg.train.out_dir)}
+
+
+def run_pipeline(root: str = ".", params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Entry point of ``ddpm pipeline``: validates first so a bad override fails before Prefect starts."""
+    tracking.quiet_env()
+    if Path(params).resolve() != (Path(root) / "params.yaml").resolve():
+        raise config_mod.ConfigError("the pipeline reads params.yaml in the project root (DVC does too); "
+                                     f"--params {params} is not supported here")
+    config_mod.load(params, overrides)
+    return ddpm_pipeline(root=root, overrides=overrides or [])

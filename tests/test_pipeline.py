@@ -1,0 +1,138 @@
+"""The whole pipeline through real Prefect, DVC and MLflow, on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import make_project, run, write_fashion_idx
+
+pytestmark = pytest.mark.slow
+
+DDPM = str(Path(sys.executable).with_name("ddpm"))
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def tiny_overrides(source: Path) -> list[str]:
+    return [
+        f"prepare.source_path={source}", "prepare.resolution=16",
+        "model.base_channels=8", "model.channel_mults=[1, 2]", "model.attention_resolutions=[8]",
+        "model.attention_heads=2", "diffusion.timesteps=50",
+        "train.steps=6", "train.batch_size=8", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
+        "train.lr_warmup_steps=2",
+        "sample.num_samples=16", "sample.batch_size=16", "sample.steps=4",
+        "evaluate.classifier_epochs=1", "evaluate.classifier_batch_size=32",
+    ]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, prefect_server):
+    """Run the flow twice in one temporary git + DVC project with its own MLflow store."""
+    base = tmp_path_factory.mktemp("pipeline")
+    source = write_fashion_idx(base / "fashion")
+    project = make_project(base / "project")
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",)}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    from flows.pipeline import ddpm_pipeline
+
+    first = ddpm_pipeline(root=str(project), overrides=tiny_overrides(source))
+    ckpts = sorted(p.name for p in (project / "checkpoints").rglob("*.safetensors"))
+    mtimes = {p: p.stat().st_mtime_ns for p in (project / "models").iterdir()}
+    second = ddpm_pipeline(root=str(project))
+    yield {"project": project, "source": source, "first": first, "second": second, "ckpts": ckpts,
+           "mtimes": mtimes, "uri": uri, "base": base}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_first_run_runs_every_stage_and_registers_a_model(pipeline_run):
+    from mlflow import MlflowClient
+
+    first, project = pipeline_run["first"], pipeline_run["project"]
+    assert [s["stage"] for s in first["stages"]] == ["prepare", "train", "sample", "evaluate"]
+    assert all(s["ran"] for s in first["stages"])
+    metrics = json.loads((project / "metrics" / "metrics.json").read_text())
+    assert set(metrics) == {"fd_classifier_n16", "fd_classifier_real_n16", "classifier_accuracy",
+                            "sample_class_entropy", "num_samples"}
+    assert metrics["num_samples"] == 16 and metrics["fd_classifier_n16"] > 0
+    client = MlflowClient(pipeline_run["uri"], pipeline_run["uri"])
+    versions = client.search_model_versions("name='ddpm-fashion-mnist'")
+    assert [int(v.version) for v in versions] == [1]
+    mlrun = client.get_run(versions[0].run_id)
+    assert mlrun.data.params["train.steps"] == "6" and mlrun.data.params["sample.steps"] == "4"
+    assert mlrun.data.metrics[f"fd_classifier_n16"] == metrics["fd_classifier_n16"]
+    losses = client.get_metric_history(mlrun.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [2, 4, 6]
+    manifest = json.loads((project / "data" / "prepared" / "manifest.json").read_text())
+    head = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert mlrun.data.tags["ddpm.data_hash"] == manifest["content_hash"]
+    assert mlrun.data.tags["ddpm.git_commit"] == head
+    assert mlrun.data.tags["prefect.flow_run_id"]
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id, "samples")}
+    assert "samples/grid.png" in artifacts
+    assert first["run"]["run_id"] == mlrun.info.run_id
+
+
+def test_flow_leaves_dvc_clean_and_second_run_skips_everything(pipeline_run):
+    from mlflow import MlflowClient
+
+    project, second = pipeline_run["project"], pipeline_run["second"]
+    status = run(DVC + ["status"], project).stdout
+    assert "up to date" in status, status
+    assert [s["ran"] for s in second["stages"]] == [False, False, False, False]
+    assert sorted(p.name for p in (project / "checkpoints").rglob("*.safetensors")) == pipeline_run["ckpts"]
+    assert {p: p.stat().st_mtime_ns for p in (project / "models").iterdir()} == pipeline_run["mtimes"]
+    client = MlflowClient(pipeline_run["uri"], pipeline_run["uri"])
+    assert len(client.search_model_versions("name='ddpm-fashion-mnist'")) == 1
+    assert second["metrics"] == pipeline_run["first"]["metrics"]
+
+
+def test_overrides_went_into_params_yaml_like_dvc_exp_run(pipeline_run):
+    params = yaml.safe_load((pipeline_run["project"] / "params.yaml").read_text())
+    assert params["train"]["steps"] == 6 and params["model"]["channel_mults"] == [1, 2]
+    assert "# One section per stage" in (pipeline_run["project"] / "params.yaml").read_text()  # comments kept
+
+
+def test_sample_from_the_registry(pipeline_run):
+    project = pipeline_run["project"]
+    out = run([DDPM, "sample", "--model", "models:/ddpm-fashion-mnist/1", "-S", "sample.out_dir=registry_samples",
+               "-S", "sample.num_samples=4", "--no-track"], project)
+    with np.load(project / "registry_samples" / "samples.npz") as f:
+        assert f["images"].shape == (4, 1, 16, 16)
+    missing = run([DDPM, "sample", "--model", "models:/ddpm-fashion-mnist/7", "-S", "sample.out_dir=x"], project,
+                  check=False)
+    assert missing.returncode == 2 and "models:/ddpm-fashion-mnist/7 is not in the registry" in missing.stderr
+
+
+def test_bad_override_is_named_and_loses_nothing(pipeline_run):
+    project = pipeline_run["project"]
+    before = (project / "params.yaml").read_text()
+    out = run([DDPM, "pipeline", "-S", "train.stepz=3"], project, check=False)
+    assert out.returncode == 2 and "unknown key train.stepz" in out.stderr
+    out = run([DDPM, "train", "-S", "train.lr=fast"], project, check=False)
+    assert out.returncode == 2 and "train.lr='fast' must be a number" in out.stderr
+    assert (project / "params.yaml").read_text() == before
+    assert (project / "models" / "model.safetensors").exists()
+
+
+def test_fresh_clone_restores_outputs_with_dvc_pull(pipeline_run):
+    project, base = pipeline_run["project"], pipeline_run["base"]
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "pipeline run"], project)
+    clone = base / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], base)
+    assert not (clone / "models" / "model.safetensors").exists()
+    run(DVC + ["pull"], clone)
+    assert (clone / "models" / "model.safetensors").read_bytes() == (project / "models" / "model.safetensors").read_bytes()
+    assert "up to date" in run(DVC + ["status"], clone).stdout
