@@ -1,0 +1,47 @@
+# The two commands: `make run` (set up, then the whole pipeline on Fashion-MNIST)
+# and `make test` (set up, then the test suite). Both work on a fresh Debian-like
+# machine with Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Without an NVIDIA GPU, the CPU build of torch (a few hundred MB instead of several GB).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4,<2.15' || echo 'torch==2.13.0')
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup data run test clean
+
+$(BIN)/ddpm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/ddpm
+
+data:
+	@if [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte ]; then \
+	  echo "Fashion-MNIST found in $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	  sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing from $(FASHION_MNIST_DIR) and apt-get is not available."; \
+	  echo "Download the four *-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist (data/fashion)"; \
+	  echo "into a folder and run: make run FASHION_MNIST_DIR=/that/folder"; \
+	  exit 1; \
+	fi
+
+run: setup data
+	$(BIN)/ddpm pipeline $(if $(filter-out /usr/share/datasets/fashion-mnist,$(FASHION_MNIST_DIR)),-S prepare.source_path=$(FASHION_MNIST_DIR))
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf data/prepared models samples checkpoints .cache mlflow.db mlartifacts
