@@ -55,6 +55,7 @@ class TrainResult:
     loss_csv: Path
     checkpoint_dir: Path
     resumed_from_step: int
+    history: list[dict[str, float]]  # one record per logging interval: step, loss, lr, images_per_s
 
 
 def _code_hash() -> str:
@@ -152,6 +153,7 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
     ckpt_dir = checkpoint_dir(cfg, prepared_dir)
     fp = ckpt_dir.name
     step, epoch, pos, history = 0, 0, 0, []
+    window_loss, window_n = 0.0, 0  # steps since the last log line; saved so a resumed log matches
     found = None if fresh else checkpoint.latest_valid(ckpt_dir)
     if fresh:
         for p in checkpoint.list_checkpoints(ckpt_dir):
@@ -166,6 +168,7 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
         if device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], device)
         step, epoch, pos, history = cmeta["step"], cmeta["epoch"], cmeta["pos"], cmeta["history"]
+        window_loss, window_n = cmeta.get("window_loss", 0.0), cmeta.get("window_n", 0)
         print(f"resuming from {path} at step {step}")
     resumed_from = step
 
@@ -178,6 +181,7 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
             tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
         path = checkpoint.step_path(ckpt_dir, step)
         checkpoint.save(path, tensors, {"step": step, "epoch": epoch, "pos": pos, "history": history,
+                                        "window_loss": window_loss, "window_n": window_n,
                                         "optim_groups": groups, "fingerprint": fp})
         checkpoint.prune(ckpt_dir, tc.keep_checkpoints)
         callback({"event": "checkpoint", "step": step, "path": str(path)})
@@ -189,7 +193,7 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
     print(f"training {nparams / 1e6:.2f} M params on {device} ({amp_dtype or 'fp32'}), "
           f"{n} images {channels}x{resolution}x{resolution}, steps {step} -> {tc.steps}")
 
-    window_loss, window_n, t_window, images_seen = 0.0, 0, time.perf_counter(), 0
+    t_window, images_seen = time.perf_counter(), 0
     t_start, images_total = time.perf_counter(), 0
     bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", mininterval=1.0)
     model.train()
@@ -269,4 +273,4 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
     ips = images_total / elapsed if images_total else 0.0
     final_loss = history[-1]["loss"] if history else float("nan")
     callback({"event": "end", "step": step, "final_loss": final_loss, "model_path": str(model_path)})
-    return TrainResult(step, final_loss, ips, nparams, model_path, loss_csv, ckpt_dir, resumed_from)
+    return TrainResult(step, final_loss, ips, nparams, model_path, loss_csv, ckpt_dir, resumed_from, history)
