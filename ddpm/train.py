@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -98,13 +99,18 @@ def ema_beta(step: int, halflife_steps: float, rampup_ratio: float) -> float:
     return 0.5 ** (1 / halflife) if halflife > 0 else 0.0
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of epoch e: a fixed permutation of (seed, e), drawn once per epoch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).numpy()
+
+
 def _batch_indices(n: int, batch: int, seed: int, epoch: int, pos: int) -> tuple[np.ndarray, int, int]:
-    """Indices of the next batch; the order of epoch e is a fixed permutation of (seed, e)."""
+    """Indices of the next batch (sorted, for sequential reads) and the new (epoch, pos)."""
     if pos + batch > n:
         epoch, pos = epoch + 1, 0
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).numpy()
-    return np.sort(perm[pos : pos + batch]), epoch, pos + batch
+    return np.sort(_epoch_order(n, seed, epoch)[pos : pos + batch]), epoch, pos + batch
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
