@@ -43,29 +43,54 @@ TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+COMPARE_METRICS = ("auto", "fd_classifier", "fid_inception")
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Turn a raw image source into a prepared uint8 data set under ``out_dir``."""
+    """Turn a raw image source into a prepared uint8 data set under ``out_dir``.
+
+    Sources: ``fashion_mnist`` (idx files in ``source_path``), ``imagefolder`` (a
+    folder of images, recursive, class subfolders become labels), ``parquet`` and
+    ``arrow`` (local files or a ``save_to_disk`` folder), ``hub`` (``hub_id`` at
+    ``revision`` on the Hugging Face hub; ``source_path`` is then not read).
+    """
 
     source: str = "fashion_mnist"
     source_path: str = "/usr/share/datasets/fashion-mnist"
+    hub_id: str = ""  # source hub: a data set id such as huggan/smithsonian_butterflies_subset
+    revision: str = ""  # source hub: a commit sha (pin it for reproducibility), tag or branch; "": main
+    split: str = "train"  # the source split to train on
+    image_column: str = ""  # "": the first Image column (else a {bytes, path} or binary column)
+    label_column: str = ""  # "": class subfolders / the first ClassLabel column; "none": unlabelled
     out_dir: str = "data/prepared"
     resolution: int = 28
     channels: int = 0  # 0: take it from the data (1 for grey, 3 for colour)
+    fit: str = "crop"  # crop: shorter side to resolution, centre crop; pad: longer side, pad with background
+    background: tuple[int, ...] = (255, 255, 255)  # RGB under transparent pixels and in pad borders
     holdout_fraction: float = 0.1  # used only when the source has no test split
     max_images: int = 0  # 0: all; otherwise the first N of each split (small runs)
     seed: int = 0
+    strict: bool = False  # true: the first unreadable image fails the stage; false: skip and list it
+    num_proc: int = 0  # decoding processes; 0: one per CPU core
 
     def __post_init__(self) -> None:
         _choice("prepare.source", self.source, PREPARE_SOURCES)
+        _choice("prepare.fit", self.fit, ("crop", "pad"))
         _positive("prepare.resolution", self.resolution)
         if self.channels not in (0, 1, 3):
             raise ConfigError(f"prepare.channels={self.channels!r} must be 0 (auto), 1 or 3")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"prepare.holdout_fraction={self.holdout_fraction!r} must be in (0, 1)")
         _positive("prepare.max_images", self.max_images, allow_zero=True)
+        _positive("prepare.num_proc", self.num_proc, allow_zero=True)
+        if len(self.background) != 3 or any(not 0 <= v <= 255 for v in self.background):
+            raise ConfigError(f"prepare.background={list(self.background)!r} must be three ints in [0, 255] (R, G, B)")
+        if self.source == "hub" and not self.hub_id:
+            raise ConfigError("prepare.hub_id must name a data set (e.g. huggan/smithsonian_butterflies_subset) "
+                              "when prepare.source is hub")
+        if not self.split:
+            raise ConfigError("prepare.split must name a split of the source, e.g. train")
 
 
 @dataclass(frozen=True)
@@ -148,7 +173,7 @@ class SampleConfig:
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
     timestep_spacing: str = "trailing"
     clip_x0: bool = True  # clamp predicted x_0 to [-1, 1] at every step
-    num_samples: int = 256
+    num_samples: int = 0  # 0: auto, 128 on a CPU, 10000 on a GPU (ddpm/sample_counts.py)
     batch_size: int = 128
     seed: int = 0
     model: str = "models/model.safetensors"  # a checkpoint path, or models:/<name>@<alias> | models:/<name>/<version>
@@ -159,18 +184,31 @@ class SampleConfig:
         _choice("sample.sampler", self.sampler, SAMPLERS)
         _choice("sample.timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _choice("sample.device", self.device, DEVICES)
-        for name in ("steps", "num_samples", "batch_size"):
+        for name in ("steps", "batch_size"):
             _positive(f"sample.{name}", getattr(self, name))
+        _positive("sample.num_samples", self.num_samples, allow_zero=True)
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"sample.eta={self.eta!r} must be in [0, 1]")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
+    """The reference stage (classifier, Inception features of held-out data) and the evaluate stage.
+
+    Counts set to 0 are chosen from the device, small on a CPU and large on a GPU
+    (ddpm/sample_counts.py); every metric name carries the N it used.
+    """
+
+    reference_dir: str = "data/reference"
+    reference_num_images: int = 0  # held-out (and as many training) images for Inception; 0: auto, 128 CPU / 10000 GPU
+    inception: bool = True  # false: no Inception metrics (FID, KID, precision/recall), no Inception reference
     classifier_epochs: int = 2
-    classifier_batch_size: int = 256
-    classifier_lr: float = 2e-3
-    cache_dir: str = ".cache/ddpm"
+    classifier_batch_size: int = 128
+    classifier_lr: float = 3e-3
+    compare_samplers: tuple[str, ...] = ("ddpm", "ddim", "dpm_solver++")  # []: no sampler comparison
+    compare_steps: tuple[int, ...] = (5, 10, 20)
+    compare_num_samples: int = 0  # per sampler and step count; 0: auto, 64 CPU / 2000 GPU, at most N
+    compare_metric: str = "auto"  # auto: fd_classifier on a CPU (if labelled), fid_inception on a GPU
     device: str = "auto"
     seed: int = 0
     metrics_path: str = "metrics/metrics.json"
@@ -178,7 +216,17 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         for name in ("classifier_epochs", "classifier_batch_size", "classifier_lr"):
             _positive(f"evaluate.{name}", getattr(self, name))
+        for name in ("reference_num_images", "compare_num_samples"):
+            _positive(f"evaluate.{name}", getattr(self, name), allow_zero=True)
         _choice("evaluate.device", self.device, DEVICES)
+        _choice("evaluate.compare_metric", self.compare_metric, COMPARE_METRICS)
+        for sampler in self.compare_samplers:
+            _choice("evaluate.compare_samplers[]", sampler, SAMPLERS)
+        if any(s <= 0 for s in self.compare_steps):
+            raise ConfigError(f"evaluate.compare_steps={list(self.compare_steps)!r} must be positive ints")
+        for name in ("reference_num_images", "compare_num_samples"):
+            if getattr(self, name) == 1:
+                raise ConfigError(f"evaluate.{name}=1 is too few: statistics need at least 2 images (0: auto)")
 
 
 @dataclass(frozen=True)
