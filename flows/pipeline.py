@@ -1,4 +1,4 @@
-"""The Prefect flow: prepare -> train -> sample -> evaluate, as one pipeline with DVC.
+"""The Prefect flow: prepare -> train -> sample -> reference -> evaluate, as one pipeline with DVC.
 
 Each task reproduces its DVC stage (``dvc.repo.Repo.reproduce(stage)``), so DVC
 decides what is stale, runs the stage's ``ddpm`` command, caches its outputs and
@@ -23,9 +23,9 @@ from prefect.artifacts import create_markdown_artifact
 from ddpm import config as config_mod
 from flows import tracking
 
-STAGES = ("prepare", "train", "sample", "evaluate")
+STAGES = ("prepare", "train", "sample", "reference", "evaluate")
 # Retries per stage. A retried train stage resumes from its newest checkpoint and MLflow run.
-RETRIES = {"prepare": 1, "train": 2, "sample": 1, "evaluate": 1}
+RETRIES = {"prepare": 1, "train": 2, "sample": 1, "reference": 1, "evaluate": 1}
 RETRY_DELAY_S = [5, 30]
 
 

@@ -60,11 +60,14 @@ def test_first_run_runs_every_stage_and_registers_a_model(pipeline_run):
     from mlflow import MlflowClient
 
     first, project = pipeline_run["first"], pipeline_run["project"]
-    assert [s["stage"] for s in first["stages"]] == ["prepare", "train", "sample", "evaluate"]
+    assert [s["stage"] for s in first["stages"]] == ["prepare", "train", "sample", "reference", "evaluate"]
     assert all(s["ran"] for s in first["stages"])
     metrics = json.loads((project / "metrics" / "metrics.json").read_text())
+    comparison = {f"fd_classifier_n16_{s}_{k}steps" for s in ("ddpm", "ddim", "dpm_solver_pp") for k in (5, 10, 20)}
     assert set(metrics) == {"fd_classifier_n16", "fd_classifier_real_n16", "classifier_accuracy",
-                            "sample_class_entropy", "num_samples"}
+                            "sample_class_entropy", "num_samples", "fid_inception_n16", "fid_inception_real_n16",
+                            "kid_inception_n16", "kid_inception_real_n16", "precision_inception_n16",
+                            "recall_inception_n16", "inception_reference_images", "memorized_fraction_n16"} | comparison
     assert metrics["num_samples"] == 16 and metrics["fd_classifier_n16"] > 0
     client = MlflowClient(pipeline_run["uri"], pipeline_run["uri"])
     versions = client.search_model_versions("name='ddpm-fashion-mnist'")
@@ -90,7 +93,7 @@ def test_flow_leaves_dvc_clean_and_second_run_skips_everything(pipeline_run):
     project, second = pipeline_run["project"], pipeline_run["second"]
     status = run(DVC + ["status"], project).stdout
     assert "up to date" in status, status
-    assert [s["ran"] for s in second["stages"]] == [False, False, False, False]
+    assert [s["ran"] for s in second["stages"]] == [False, False, False, False, False]
     assert sorted(p.name for p in (project / "checkpoints").rglob("*.safetensors")) == pipeline_run["ckpts"]
     assert {p: p.stat().st_mtime_ns for p in (project / "models").iterdir()} == pipeline_run["mtimes"]
     client = MlflowClient(pipeline_run["uri"], pipeline_run["uri"])
