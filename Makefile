@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup data run test clean
+.PHONY: setup data run test clean prefect-server mlflow-ui
 
 $(BIN)/ddpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ run: setup data
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Operations (see README, "Operations"): a local Prefect server for schedules, and the MLflow UI.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+prefect-server: setup
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+mlflow-ui: setup
+	$(BIN)/ddpm ui --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf data/prepared models samples checkpoints .cache mlflow.db mlartifacts

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ddpm import config as config_mod
 from ddpm.config import Config, ConfigError
+from flows.serve import ServerUnavailable
 
 EXIT_USAGE = 2
 
@@ -57,14 +58,15 @@ def cmd_train(args) -> None:
 
     def callback(event: dict) -> None:
         if event["event"] == "log":
-            buffer.add({"train_loss": event["loss"], "lr": event["lr"], "images_per_s": event["images_per_s"]},
-                       step=event["step"])
+            buffer.add({key: event[src] for src, key in tracking.TRAIN_METRICS.items()}, step=event["step"])
         elif event["event"] == "start":
             buffer.add({"num_parameters": event["num_parameters"]}, step=event["step"])
 
     try:
         result = train(cfg, prepared, callback=callback, fresh=args.fresh)
-        buffer.flush()
+        sent = tracking.sync_history(".", run_id, result.history)
+        if sent:
+            print(f"MLflow: sent {sent} metric points that live logging had missed")
     except BaseException:
         tracking.end_run(".", run_id, "FAILED")
         raise
@@ -128,38 +130,79 @@ def cmd_sample(args) -> None:
         run_id = _log_stage_params(run_id, "sample", {k: v for k, v in asdict(scfg).items() if k != "out_dir"})
         tracking.log_artifacts(".", run_id, [Path(scfg.out_dir) / "grid.png", Path(scfg.out_dir) / "summary.json"],
                                artifact_path="samples")
-        tracking.MetricBuffer(".", run_id).add({"sample_images_per_s": summary["images_per_s"]}, step=0)
+        tracking.log_metrics(".", run_id, {"sample_images_per_s": summary["images_per_s"]})
     from flows.tracking import write_run_file
 
     write_run_file(scfg.out_dir, {"run_id": run_id if _tracked(args) else None, "model": scfg.model})
 
 
-def cmd_evaluate(args) -> None:
-    from dataclasses import asdict
-
-    from ddpm.evaluate import evaluate
+def cmd_reference(args) -> None:
+    from ddpm.reference import build_reference
 
     cfg = _load(args)
-    samples_dir = Path(cfg.sample.out_dir)
-    metrics = evaluate(cfg.prepare.out_dir, samples_dir / "samples.npz", cfg.evaluate)
+    build_reference(cfg.prepare.out_dir, cfg.evaluate)
+
+
+def cmd_evaluate(args) -> None:
+    import time
+
+    from ddpm.evaluate import evaluate
+    from ddpm.export import load_model
     from flows.tracking import read_run_file
 
-    run_id = os.environ.get("MLFLOW_RUN_ID") or (read_run_file(samples_dir) or {}).get("run_id")
+    t0 = time.perf_counter()
+    cfg = _load(args)
+    samples_dir = Path(cfg.sample.out_dir)
+    sample_run = read_run_file(samples_dir) or {}
+    loaded = None
+    if cfg.evaluate.compare_samplers:
+        # The sampler comparison draws from the model that made the samples.
+        model_ref = sample_run.get("model") or cfg.sample.model
+        if model_ref.startswith("models:/"):
+            from flows import tracking
+
+            # Not into samples/: that folder is the sample stage's DVC output.
+            weights, _ = tracking.resolve_model(".", model_ref, Path(".cache/ddpm/models"))
+        else:
+            weights = Path(model_ref)
+        loaded = load_model(weights)
+    metrics = evaluate(cfg.prepare.out_dir, samples_dir / "samples.npz", cfg.evaluate, loaded, cfg.sample)
+    seconds = time.perf_counter() - t0
+
+    run_id = os.environ.get("MLFLOW_RUN_ID") or sample_run.get("run_id")
     if _tracked(args) and run_id:
         from flows import tracking
 
-        run_id = _log_stage_params(run_id, "evaluate", asdict(cfg.evaluate))
-        tracking.MetricBuffer(".", run_id).add({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=0)
-        metrics_path = Path(cfg.evaluate.metrics_path)
-        tracking.log_artifacts(".", run_id, [metrics_path, metrics_path.parent / "class_histogram.csv", "dvc.lock"],
-                               artifact_path="evaluation")
+        run_id = _log_stage_params(run_id, "evaluate", cfg.to_dict()["evaluate"])
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        tracking.log_metrics(".", run_id, {**numbers, "evaluate_seconds": round(seconds, 1)})
+        out = Path(cfg.evaluate.metrics_path).parent
+        tracking.log_artifacts(".", run_id, [cfg.evaluate.metrics_path, "dvc.lock",
+                                             Path(cfg.evaluate.reference_dir) / "reference.json",
+                                             *(out / name for name in EVALUATE_FILES)], artifact_path="evaluation")
     print(json.dumps(metrics, indent=2))
+
+
+# Written beside evaluate.metrics_path (see ddpm/evaluate.py); DVC outputs of the evaluate stage.
+EVALUATE_FILES = ("class_histogram.csv", "memorization.png", "sampler_comparison.csv", "sampler_comparison.png")
 
 
 def cmd_pipeline(args) -> None:
     from flows.pipeline import run_pipeline
 
     run_pipeline(root=".", params=args.params, overrides=args.set)
+
+
+def cmd_serve(args) -> None:
+    from flows.serve import serve
+
+    serve(root=".", cron=args.cron, interval_s=args.interval, name=args.name)
+
+
+def cmd_ui(args) -> None:
+    from flows.serve import mlflow_ui
+
+    mlflow_ui(root=".", host=args.host, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,10 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", cmd_sample, "generate samples (section: sample)")
     p.add_argument("--model", help="checkpoint path or models:/<name>@<alias> | models:/<name>/<version>")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    add("reference", cmd_reference, "train the domain classifier and compute the held-out data's Inception "
+        "features, once per data version (section: evaluate)")
     p = add("evaluate", cmd_evaluate, "evaluate the samples (section: evaluate)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     add("pipeline", cmd_pipeline, "run the whole pipeline as a Prefect flow over the DVC stages; "
         "-S overrides are written to params.yaml first, as `dvc exp run -S` does")
+    p = sub.add_parser("serve", help="run the pipeline on a schedule against a Prefect server (PREFECT_API_URL)")
+    p.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *"')
+    p.add_argument("--interval", type=int, help="run every N seconds")
+    p.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("ui", help="start the MLflow UI for the project's tracking store on 127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(fn=cmd_ui)
     return parser
 
 
@@ -192,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, ServerUnavailable) as exc:
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:

@@ -42,6 +42,9 @@ def client(root: str | Path = "."):
     from mlflow import MlflowClient
 
     quiet_env()
+    # Fail fast on an unreachable server; _with_retries below owns the waiting and backoff.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -134,7 +137,11 @@ def log_params(root: str | Path, run_id: str, params: dict[str, Any]) -> None:
 
 
 class MetricBuffer:
-    """Collects metrics and sends them in batches; keeps them if the server is unreachable."""
+    """Live training metrics, sent as they come; kept while the server is unreachable.
+
+    Best effort by design: ``sync_history`` at the end of training sends whatever
+    is still missing, from the checkpointed history.
+    """
 
     def __init__(self, root: str | Path, run_id: str):
         self.client, self.run_id, self.pending = client(root), run_id, []
@@ -144,25 +151,44 @@ class MetricBuffer:
 
         ts = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), ts, step) for k, v in values.items()]
-        self.flush(retry=False)
-
-    def flush(self, retry: bool = True) -> None:
-        if not self.pending:
-            return
-        batch = self.pending[:1000]
         try:
-            if retry:
-                _with_retries("log metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
-            else:
-                self.client.log_batch(self.run_id, metrics=batch)
+            for i in range(0, len(self.pending), 1000):
+                self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
         except Exception as exc:
-            if retry:
-                raise
-            warnings.warn(f"MLflow unreachable, keeping {len(self.pending)} metrics to send later ({exc})")
+            warnings.warn(f"MLflow unreachable, keeping {len(self.pending)} metric points to send later ({exc})")
             return
-        self.pending = self.pending[len(batch):]
-        if self.pending:
-            self.flush(retry)
+        self.pending = []
+
+
+def log_metrics(root: str | Path, run_id: str, values: dict[str, float], step: int = 0) -> None:
+    """Log a few metrics now, retrying while the server is unreachable."""
+    from mlflow.entities import Metric
+
+    c, ts = client(root), int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, step) for k, v in values.items()]
+    _with_retries("log metrics", lambda: c.log_batch(run_id, metrics=batch))
+
+
+TRAIN_METRICS = {"loss": "train_loss", "lr": "lr", "images_per_s": "images_per_s"}
+
+
+def sync_history(root: str | Path, run_id: str, history: list[dict]) -> int:
+    """Log every training record the run does not have yet; returns how many points were sent.
+
+    Live logging may have missed points (server down) or a resumed process may have
+    lost its buffer: the checkpointed history is the truth, and steps already on the
+    server are not sent twice.
+    """
+    from mlflow.entities import Metric
+
+    c = client(root)
+    ts, missing = int(time.time() * 1000), []
+    for src, key in TRAIN_METRICS.items():
+        have = {m.step for m in _with_retries(f"read {key}", lambda: c.get_metric_history(run_id, key))}
+        missing += [Metric(key, float(r[src]), ts, int(r["step"])) for r in history if r["step"] not in have]
+    for i in range(0, len(missing), 1000):
+        _with_retries("log metrics", lambda: c.log_batch(run_id, metrics=missing[i : i + 1000]))
+    return len(missing)
 
 
 def register_model(root: str | Path, run_id: str, model_path: str | Path, cfg: Config) -> str:

@@ -1,0 +1,68 @@
+"""Long-running entry points: the pipeline on a schedule, and the MLflow UI.
+
+Schedules need a real Prefect server (Prefect's temporary per-process server
+runs no schedules): start one with ``make prefect-server`` and point
+``PREFECT_API_URL`` at it. ``serve`` then registers a deployment of the
+pipeline flow with the schedule and runs its flow runs in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from flows import tracking
+
+
+class ServerUnavailable(RuntimeError):
+    """The server a command needs is not configured or does not answer."""
+
+
+def check_prefect_server(timeout_s: float = 5.0) -> str:
+    """The configured PREFECT_API_URL, after checking that a server answers there."""
+    import httpx
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise ServerUnavailable(
+            "schedules need a Prefect server, and PREFECT_API_URL is not set: start one with "
+            "`make prefect-server` (prefect server start --host 127.0.0.1 --port 4200), then "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    try:
+        httpx.get(api.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ServerUnavailable(f"no Prefect server answers at PREFECT_API_URL={api} ({exc}); "
+                                "start one with `make prefect-server`") from None
+    return api
+
+
+def serve(root: str = ".", cron: str | None = None, interval_s: int | None = None,
+          name: str = "scheduled") -> None:
+    """Serve the pipeline flow with a cron or interval schedule until interrupted."""
+    from flows.pipeline import ddpm_pipeline
+
+    if (cron is None) == (interval_s is None):
+        raise ValueError("give exactly one of --cron or --interval")
+    if interval_s is not None and interval_s <= 0:
+        raise ValueError(f"--interval {interval_s} must be a positive number of seconds")
+    api = check_prefect_server()
+    tracking.quiet_env()
+    root = str(Path(root).resolve())
+    print(f"serving ddpm-pipeline/{name} on {api} ({'cron ' + cron if cron else f'every {interval_s} s'}) "
+          f"for {root}; Ctrl+C stops")
+    ddpm_pipeline.serve(name=name, cron=cron, interval=interval_s, parameters={"root": root})
+
+
+def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Run the MLflow UI for the project's tracking store in the foreground."""
+    uri = tracking.tracking_uri(root)
+    if uri.startswith(("http://", "https://")):
+        print(f"MLFLOW_TRACKING_URI points at a tracking server: its UI is {uri}")
+        return 0
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        cmd += ["--default-artifact-root", (Path(root).resolve() / "mlartifacts").as_uri()]
+    print(f"MLflow UI for {uri} on http://{host}:{port}")
+    return subprocess.call(cmd)

@@ -1,0 +1,40 @@
+"""The ``ddpm`` command's errors for a missing server or wrong usage."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+DDPM = str(Path(sys.executable).with_name("ddpm"))
+
+
+def ddpm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    full.update(env or {})
+    return subprocess.run([DDPM, *args], capture_output=True, text=True, env=full, timeout=120)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_without_a_prefect_server_says_how_to_start_one():
+    out = ddpm("serve", "--interval", "60")
+    assert out.returncode == 2
+    assert "PREFECT_API_URL is not set" in out.stderr and "make prefect-server" in out.stderr
+
+
+def test_serve_with_an_unreachable_server_names_the_url():
+    url = f"http://127.0.0.1:{free_port()}/api"
+    out = ddpm("serve", "--interval", "60", env={"PREFECT_API_URL": url})
+    assert out.returncode == 2 and f"no Prefect server answers at PREFECT_API_URL={url}" in out.stderr
+
+
+def test_serve_needs_exactly_one_schedule():
+    out = ddpm("serve")
+    assert out.returncode == 2 and "exactly one of --cron or --interval" in out.stderr
