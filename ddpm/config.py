@@ -235,6 +235,11 @@ class TrackingConfig:
 
     experiment: str = "ddpm"
     model_name: str = "ddpm-fashion-mnist"
+    primary_metric: str = "fd_classifier"  # the promotion gate compares <primary_metric>_n<N>
+    primary_metric_goal: str = "minimize"
+
+    def __post_init__(self) -> None:
+        _choice("tracking.primary_metric_goal", self.primary_metric_goal, ("minimize", "maximize"))
 
 
 @dataclass(frozen=True)

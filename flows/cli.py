@@ -180,7 +180,52 @@ def cmd_evaluate(args) -> None:
         tracking.log_artifacts(".", run_id, [cfg.evaluate.metrics_path, "dvc.lock",
                                              Path(cfg.evaluate.reference_dir) / "reference.json",
                                              *(out / name for name in EVALUATE_FILES)], artifact_path="evaluation")
+        _promote(cfg, sample_run, run_id, numbers)
     print(json.dumps(metrics, indent=2))
+
+
+def _promote(cfg: Config, sample_run: dict, run_id: str, metrics: dict) -> None:
+    """Run the promotion gate for the evaluated model version; the decision goes to the MLflow run."""
+    import re
+
+    from flows import promotion, tracking
+
+    name, version = _evaluated_version(cfg, sample_run)
+    if version is None:
+        print("promotion: the samples come from no registered model version; gate skipped")
+        return
+    pattern = re.compile(rf"{re.escape(cfg.tracking.primary_metric)}_n\d+")
+    keys = [k for k in metrics if pattern.fullmatch(k)]
+    c = tracking.client(".")
+    promotion.record_metrics(c, name, version, metrics)
+    if not keys:
+        print(f"promotion: no {cfg.tracking.primary_metric}_n<N> among the metrics; gate skipped")
+        return
+    d = promotion.promote(c, name, version, keys[0], metrics[keys[0]], cfg.tracking.primary_metric_goal)
+    tracking.log_params(".", run_id, {"promotion.metric": d.metric})
+    c.set_tag(run_id, "promotion.decision", "promoted" if d.promoted else "kept champion")
+    c.set_tag(run_id, "promotion.reason", d.reason)
+    tracking.log_metrics(".", run_id, {"promotion.promoted": float(d.promoted),
+                                       **({"promotion.champion_value": d.champion_value}
+                                          if d.champion_value is not None else {})})
+    print(f"promotion: {name} v{version}: {'now champion' if d.promoted else 'candidate'} ({d.reason})")
+
+
+def _evaluated_version(cfg: Config, sample_run: dict) -> tuple[str, str | None]:
+    """(registered model name, version) of the model the samples came from, if registered."""
+    from flows import tracking
+
+    ref = sample_run.get("model") or cfg.sample.model
+    if ref.startswith("models:/"):
+        body = ref[len("models:/"):]
+        c = tracking.client(".")
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return name, str(c.get_model_version_by_alias(name, alias).version)
+        name, version = body.rsplit("/", 1)
+        return name, version
+    info = tracking.read_run_file(Path(ref).parent) or {}
+    return info.get("model_name") or cfg.tracking.model_name, info.get("model_version")
 
 
 # Written beside evaluate.metrics_path (see ddpm/evaluate.py); DVC outputs of the evaluate stage.

@@ -87,6 +87,13 @@ def push_outputs(root: str) -> int:
     return pushed
 
 
+def _alias(root: Path, name: str, alias: str):
+    try:
+        return tracking.client(root).get_model_version_by_alias(name, alias)
+    except Exception:  # no such alias (yet), or the registry is unreachable: the report says less
+        return None
+
+
 def _report(root: Path, cfg, results: list[dict]) -> str:
     metrics_path = root / cfg.evaluate.metrics_path
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -100,6 +107,12 @@ def _report(root: Path, cfg, results: list[dict]) -> str:
               f"- model: `{(root / cfg.train.out_dir / 'model.safetensors').resolve()}`",
               f"- MLflow run: `{run.get('run_id')}` in `{tracking.tracking_uri(root)}`",
               f"- registered model: `models:/{run.get('model_name')}/{run.get('model_version')}`"]
+    if run.get("model_name"):
+        for alias in ("champion", "candidate"):
+            mv = _alias(root, run["model_name"], alias)
+            if mv is not None:
+                note = f" ({mv.tags.get('ddpm.promotion')})" if alias == "candidate" and mv.tags.get("ddpm.promotion") else ""
+                lines.append(f"- {alias}: `models:/{run['model_name']}@{alias}` = version {mv.version}{note}")
     return "\n".join(lines) + "\n"
 
 
@@ -131,7 +144,7 @@ def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: boo
     create_markdown_artifact(report, key="ddpm-pipeline-report", description="metrics and where the results are")
     print(report)
     metrics_path = root_path / cfg.evaluate.metrics_path
-    return {"stages": results, "pushed": pushed,
+    return {"stages": results, "pushed": pushed, "report": report,
             "metrics": json.loads(metrics_path.read_text()) if metrics_path.exists() else {},
             "run": tracking.read_run_file(root_path / cfg.train.out_dir)}
 

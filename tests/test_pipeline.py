@@ -85,6 +85,11 @@ def test_first_run_runs_every_stage_and_registers_a_model(pipeline_run):
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id, "samples")}
     assert "samples/grid.png" in artifacts
     assert first["run"]["run_id"] == mlrun.info.run_id
+    # the promotion gate ran: the first evaluated version is both candidate and champion
+    assert int(client.get_model_version_by_alias("ddpm-fashion-mnist", "champion").version) == 1
+    assert int(client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate").version) == 1
+    assert mlrun.data.tags["promotion.reason"] == "no champion yet"
+    assert "champion: `models:/ddpm-fashion-mnist@champion` = version 1" in first["report"]
 
 
 def test_flow_leaves_dvc_clean_and_second_run_skips_everything(pipeline_run):
