@@ -81,6 +81,18 @@ def make_project(dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for tiny CPU ops: on a small shared CPU, oversubscribed threads make them
+    10-50x slower, and a subprocess with one thread computes bitwise the same (SIGKILL test)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server (SQLite) for the whole session."""

@@ -23,13 +23,7 @@ from ddpm.train import checkpoint_dir, ema_beta, learning_rate, train
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: fast on a small shared CPU, and the same in the SIGKILL test's subprocess."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_prepared(root: Path, n: int = 40, size: int = 8, seed: int = 0) -> Path:

@@ -15,13 +15,7 @@ COURSE = dict(channels=3, resolution=32, base_channels=64, channel_mults=(1, 2, 
 COURSE_PARAMETERS = 18_536_323
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a small CPU shared with other jobs, oversubscribed intra-op threads make these tiny ops 10-50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("channels", [1, 3])
