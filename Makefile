@@ -53,4 +53,4 @@ mlflow-ui: setup
 	$(BIN)/ddpm ui --port $(MLFLOW_PORT)
 
 clean:
-	rm -rf data/prepared models samples checkpoints .cache mlflow.db mlartifacts
+	rm -rf data/prepared data/reference models samples checkpoints .cache mlflow.db mlartifacts
