@@ -52,7 +52,9 @@ def serve(root: str = ".", cron: str | None = None, interval_s: int | None = Non
     root = str(Path(root).resolve())
     print(f"serving ddpm-pipeline/{name} on {api} ({'cron ' + cron if cron else f'every {interval_s} s'}) "
           f"for {root}; Ctrl+C stops")
-    ddpm_pipeline.serve(name=name, cron=cron, interval=interval_s, parameters={"root": root})
+    # limit=1: one flow run at a time. DVC locks the workspace, so a run that starts while the
+    # previous one is still going (a short interval, a slow run) would fail on the lock.
+    ddpm_pipeline.serve(name=name, cron=cron, interval=interval_s, parameters={"root": root}, limit=1)
 
 
 def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int:
