@@ -1,0 +1,287 @@
+"""Operations against real servers: a Prefect server running the scheduled pipeline, an MLflow
+tracking server seen through its REST API, and an MLflow server killed in the middle of training.
+
+Every server is a subprocess on a free loopback port with its own temporary state, stopped by its
+fixture; every wait is a bounded polling loop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.pipeline import apply_overrides_to_params
+from tests.conftest import make_project, run, write_fashion_idx
+from tests.test_pipeline import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+DDPM = str(BIN / "ddpm")
+MODEL_NAME = "ddpm-fashion-mnist"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PREFECT_API_URL"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited ({proc.returncode}) before answering {url}:\n{tail(log)}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s:\n{tail(log)}")
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 15) -> None:
+    """Stop a process we started (and its process group), by its id."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+    # children left in the group (server workers) go too
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def spawn(cmd: list[str], log: Path, **kw) -> subprocess.Popen:
+    f = open(log, "ab")
+    try:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+    finally:
+        f.close()
+
+
+def start_mlflow(store: Path, port: int, log: Path) -> subprocess.Popen:
+    proc = spawn([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                  "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1",
+                  "--port", str(port), "--workers", "1"], log, env=base_env())
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
+@contextmanager
+def mlflow_server(store: Path):
+    store.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = store / "server.log"
+    state = {"proc": start_mlflow(store, port, log), "port": port, "store": store, "log": log,
+             "url": f"http://127.0.0.1:{port}"}
+    try:
+        yield state
+    finally:
+        stop(state["proc"])
+
+
+def tiny_project(base: Path, extra: list[str] = ()) -> Path:
+    source = write_fashion_idx(base / "fashion")
+    project = make_project(base / "project")
+    apply_overrides_to_params(project / "params.yaml", tiny_overrides(source) + list(extra))
+    return project
+
+
+# --- 1. the scheduled pipeline on a real Prefect server -------------------------------------------
+
+@pytest.fixture
+def prefect_api(tmp_path):
+    port = free_port()
+    home = tmp_path / "prefect_home"
+    home.mkdir()
+    log = tmp_path / "prefect_server.log"
+    proc = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log,
+                 env=base_env(PREFECT_HOME=str(home)))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", proc, 90, log)
+        yield {"api": f"http://127.0.0.1:{port}/api", "home": home, "log": log}
+    finally:
+        stop(proc, signal.SIGINT)
+
+
+def _flow_runs(api: str, deployment_id: str) -> list[dict]:
+    body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC",
+            "limit": 50}
+    r = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path):
+    project = tiny_project(tmp_path)
+    api = prefect_api["api"]
+    log = tmp_path / "serve.log"
+    env = base_env(PREFECT_API_URL=api, PREFECT_HOME=str(prefect_api["home"]),
+                   MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
+    serve = spawn([DDPM, "serve", "--interval", "10", "--name", "test"], log, cwd=project, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        dep = None
+        while dep is None and time.monotonic() < deadline:
+            assert serve.poll() is None, f"ddpm serve exited ({serve.returncode}):\n{tail(log)}"
+            r = httpx.get(f"{api}/deployments/name/ddpm-pipeline/test", timeout=10)
+            dep = r.json() if r.status_code == 200 else None
+            time.sleep(1)
+        assert dep is not None, f"deployment ddpm-pipeline/test never appeared:\n{tail(log)}"
+
+        completed: list[dict] = []
+        deadline = time.monotonic() + 240
+        while len(completed) < 2 and time.monotonic() < deadline:
+            assert serve.poll() is None, f"ddpm serve exited ({serve.returncode}):\n{tail(log)}"
+            runs = _flow_runs(api, dep["id"])
+            failed = [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")]
+            assert not failed, f"flow run {failed[0]['name']} {failed[0]['state_type']}:\n{tail(log, 8000)}"
+            completed = [r for r in runs if r["state_type"] == "COMPLETED"]
+            time.sleep(2)
+        assert completed, f"no scheduled flow run completed within 240 s:\n{tail(log, 8000)}"
+        assert len(completed) >= 2, f"only one scheduled flow run completed within 240 s:\n{tail(log, 8000)}"
+        durations = [r["total_run_time"] for r in completed]
+        walls = [(datetime.fromisoformat(r["end_time"]) - datetime.fromisoformat(r["start_time"])).total_seconds()
+                 for r in completed]
+        print(f"\nscheduled flow runs, total_run_time (start->end wall) in s: first {durations[0]:.1f} "
+              f"({walls[0]:.1f}), no-change {durations[1]:.1f} ({walls[1]:.1f})")
+        # the first run trained and registered a model; the second found everything up to date
+        assert (project / "models" / "model.safetensors").exists()
+        text = log.read_text(errors="replace")
+        assert text.count("stage train: reproduced") == 1, tail(log, 8000)
+        for stage in ("prepare", "train", "sample", "reference", "evaluate"):
+            assert f"stage {stage}: up to date, skipped" in text, tail(log, 8000)
+        assert durations[1] < durations[0]
+    finally:
+        stop(serve, signal.SIGINT, grace_s=20)
+
+
+# --- 2. the pipeline logging to an MLflow tracking server, checked over REST ----------------------
+
+def test_pipeline_against_an_mlflow_server_seen_over_rest(tmp_path, prefect_server):
+    from flows.pipeline import ddpm_pipeline
+
+    source = write_fashion_idx(tmp_path / "fashion")
+    project = make_project(tmp_path / "project")
+    with mlflow_server(tmp_path / "mlflow") as server:
+        url = server["url"]
+        old = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = url
+        try:
+            result = ddpm_pipeline(root=str(project), overrides=tiny_overrides(source))
+        finally:
+            if old is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = old
+        run_id = result["run"]["run_id"]
+        rest = f"{url}/api/2.0/mlflow"
+        got = httpx.get(f"{rest}/runs/get", params={"run_id": run_id}, timeout=10)
+        assert got.status_code == 200, got.text
+        info = got.json()["run"]["info"]
+        assert info["status"] == "FINISHED"
+        found = httpx.post(f"{rest}/runs/search", json={"experiment_ids": [info["experiment_id"]]}, timeout=10)
+        assert [r["info"]["run_id"] for r in found.json()["runs"]] == [run_id]
+        hist = httpx.get(f"{rest}/metrics/get-history", params={"run_id": run_id, "metric_key": "train_loss"},
+                         timeout=10)
+        assert hist.status_code == 200, hist.text
+        assert sorted(int(m["step"]) for m in hist.json()["metrics"]) == [2, 4, 6]
+        alias = httpx.get(f"{rest}/registered-models/alias", params={"name": MODEL_NAME, "alias": "champion"},
+                          timeout=10)
+        assert alias.status_code == 200, alias.text
+        assert alias.json()["model_version"]["version"] == "1"
+        assert alias.json()["model_version"]["run_id"] == run_id
+
+
+# --- 3. the tracking server dies in the middle of training ----------------------------------------
+
+def test_training_survives_the_tracking_server_restarting(tmp_path):
+    project = tiny_project(tmp_path, ["train.steps=40", "train.log_every_steps=2", "train.checkpoint_every_steps=5",
+                                      "train.keep_checkpoints=20"])
+    run([DDPM, "prepare"], project, env=base_env())
+    with mlflow_server(tmp_path / "mlflow") as server:
+        env = base_env(MLFLOW_TRACKING_URI=server["url"], OMP_NUM_THREADS="1")
+        log = tmp_path / "train.log"
+        train = spawn([DDPM, "train"], log, cwd=project, env=env)
+        t0 = time.monotonic()
+        try:
+            deadline = time.monotonic() + 120
+            while not list((project / "checkpoints").rglob("*.safetensors")):
+                assert train.poll() is None, f"ddpm train exited ({train.returncode}) before a checkpoint:\n{tail(log)}"
+                assert time.monotonic() < deadline, f"no checkpoint within 120 s:\n{tail(log)}"
+                time.sleep(0.1)
+            stop(server["proc"], signal.SIGKILL)
+            killed_at = time.monotonic() - t0
+            time.sleep(3)
+            server["proc"] = start_mlflow(server["store"], server["port"], server["log"])
+            restarted_at = time.monotonic() - t0
+            rc = train.wait(timeout=180)
+        finally:
+            stop(train)
+        attempts = 1
+        if rc != 0:  # what the Prefect retry does: resume from the checkpoint, continue the same run
+            attempts = 2
+            rerun = run([DDPM, "train"], project, check=False, env=env)
+            assert rerun.returncode == 0, f"{tail(log)}\n{rerun.stdout}\n{rerun.stderr}"
+        print(f"\nserver killed at {killed_at:.1f} s, back at {restarted_at:.1f} s; training attempts: {attempts}")
+        text = log.read_text(errors="replace")
+        assert "MLflow unreachable" in text or "retrying" in text, text[-4000:]
+
+        rest = f"{server['url']}/api/2.0/mlflow"
+        exp = httpx.get(f"{rest}/experiments/get-by-name", params={"experiment_name": "ddpm"}, timeout=10)
+        assert exp.status_code == 200, exp.text
+        exp_id = exp.json()["experiment"]["experiment_id"]
+        runs = httpx.post(f"{rest}/runs/search", json={"experiment_ids": [exp_id]}, timeout=10).json()["runs"]
+        assert len(runs) == 1, runs
+        info = runs[0]["info"]
+        assert info["status"] == "FINISHED"
+        hist = httpx.get(f"{rest}/metrics/get-history", params={"run_id": info["run_id"], "metric_key": "train_loss"},
+                         timeout=10).json()["metrics"]
+        assert sorted(int(m["step"]) for m in hist) == list(range(2, 41, 2))
+        versions = httpx.post(f"{rest}/model-versions/search", json={"filter": f"name='{MODEL_NAME}'"},
+                              timeout=10)
+        if versions.status_code == 405:
+            versions = httpx.get(f"{rest}/model-versions/search", params={"filter": f"name='{MODEL_NAME}'"},
+                                 timeout=10)
+        assert versions.status_code == 200, versions.text
+        mvs = versions.json()["model_versions"]
+        assert [mv["run_id"] for mv in mvs] == [info["run_id"]]
