@@ -61,6 +61,10 @@ def cmd_train(args) -> None:
             buffer.add({key: event[src] for src, key in tracking.TRAIN_METRICS.items()}, step=event["step"])
         elif event["event"] == "start":
             buffer.add({"num_parameters": event["num_parameters"]}, step=event["step"])
+        elif event["event"] == "checkpoint":
+            log_grid(event["step"], event["path"])
+
+    log_grid = _grid_logger(cfg, prepared, run_id)
 
     try:
         result = train(cfg, prepared, callback=callback, fresh=args.fresh)
@@ -74,6 +78,41 @@ def cmd_train(args) -> None:
     version = tracking.register_model(".", run_id, result.model_path, cfg)
     write_run_file(cfg.train.out_dir, {**_train_summary(result), "run_id": run_id,
                                        "model_name": cfg.tracking.model_name, "model_version": version})
+
+
+def _grid_logger(cfg: Config, prepared: str, run_id: str):
+    """A function that logs a 4x4 sample grid from a checkpoint's EMA weights to the run, by step,
+    so the MLflow UI shows how samples improve. Best effort: a failure never stops training."""
+    import warnings
+
+    import torch
+
+    from ddpm import checkpoint
+    from ddpm.export import load_state_checked
+    from ddpm.images import grid, to_uint8
+    from ddpm.prepare import load_manifest
+    from ddpm.samplers import sample
+    from ddpm.schedule import NoiseSchedule
+    from ddpm.unet import build_unet
+    from flows import tracking
+
+    channels, res, _ = load_manifest(prepared)["shape"]
+    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+
+    def log_grid(step: int, path: str) -> None:
+        try:
+            tensors, _ = checkpoint.load(path)
+            unet = build_unet(cfg.model, channels, res)
+            load_state_checked(unet, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, path)
+            x = sample("dpm_solver++", unet.eval(), schedule, (16, channels, res, res),
+                       torch.Generator().manual_seed(0), steps=10, objective=cfg.diffusion.objective, clip_x0=True)
+            picture = grid(to_uint8(x), nrow=4)
+            tracking.client(".").log_image(run_id, picture[..., 0] if channels == 1 else picture,
+                                           key="samples", step=step)
+        except Exception as exc:
+            warnings.warn(f"could not log the sample grid at step {step}: {exc}")
+
+    return log_grid
 
 
 def _train_summary(result) -> dict:

@@ -84,6 +84,9 @@ def test_first_run_runs_every_stage_and_registers_a_model(pipeline_run):
     assert mlrun.data.tags["prefect.flow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id, "samples")}
     assert "samples/grid.png" in artifacts
+    # sample grids by training step (checkpoints at steps 3 and 6), shown as an image history in the UI
+    steps_logged = {a.path for a in client.list_artifacts(mlrun.info.run_id, "images")}
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in steps_logged if p.endswith(".png")) == [3, 6]
     assert first["run"]["run_id"] == mlrun.info.run_id
     # the promotion gate ran: the first evaluated version is both candidate and champion
     assert int(client.get_model_version_by_alias("ddpm-fashion-mnist", "champion").version) == 1
@@ -117,6 +120,10 @@ def test_sample_from_the_registry(pipeline_run):
     out = run([DDPM, "sample", "--model", "models:/ddpm-fashion-mnist/1", "-S", "sample.out_dir=registry_samples",
                "-S", "sample.num_samples=4", "--no-track"], project)
     with np.load(project / "registry_samples" / "samples.npz") as f:
+        assert f["images"].shape == (4, 1, 16, 16)
+    run([DDPM, "sample", "--model", "models:/ddpm-fashion-mnist@champion", "-S", "sample.out_dir=champion_samples",
+         "-S", "sample.num_samples=4", "--no-track"], project)
+    with np.load(project / "champion_samples" / "samples.npz") as f:
         assert f["images"].shape == (4, 1, 16, 16)
     missing = run([DDPM, "sample", "--model", "models:/ddpm-fashion-mnist/7", "-S", "sample.out_dir=x"], project,
                   check=False)
