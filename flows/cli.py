@@ -256,13 +256,8 @@ def _evaluated_version(cfg: Config, sample_run: dict) -> tuple[str, str | None]:
 
     ref = sample_run.get("model") or cfg.sample.model
     if ref.startswith("models:/"):
-        body = ref[len("models:/"):]
-        c = tracking.client(".")
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            return name, str(c.get_model_version_by_alias(name, alias).version)
-        name, version = body.rsplit("/", 1)
-        return name, version
+        mv = tracking.registry_version(".", ref)
+        return mv.name, str(mv.version)
     info = tracking.read_run_file(Path(ref).parent) or {}
     return info.get("model_name") or cfg.tracking.model_name, info.get("model_version")
 

@@ -215,6 +215,22 @@ def log_artifacts(root: str | Path, run_id: str, paths: list[str | Path], artifa
             _with_retries(f"log artifact {p}", lambda: c.log_artifact(run_id, str(p), artifact_path))
 
 
+def registry_version(root: str | Path, ref: str):
+    """The registered ModelVersion that ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` names."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(root)
+    body = ref[len("models:/"):]
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return c.get_model_version_by_alias(name, alias)
+        name, version = body.rsplit("/", 1)
+        return c.get_model_version(name, version)
+    except (MlflowException, ValueError) as exc:
+        raise FileNotFoundError(f"model {ref} is not in the registry at {tracking_uri(root)}: {exc}") from None
+
+
 def resolve_model(root: str | Path, ref: str, download_dir: str | Path) -> tuple[Path, str | None]:
     """A model reference -> (local model.safetensors, the MLflow run that made it, if known).
 
@@ -227,19 +243,8 @@ def resolve_model(root: str | Path, ref: str, download_dir: str | Path) -> tuple
         info = read_run_file(path.parent)
         return path, info["run_id"] if info else None
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    c = client(root)
-    body = ref[len("models:/"):]
-    try:
-        if "@" in body:
-            name, alias = body.split("@", 1)
-            mv = c.get_model_version_by_alias(name, alias)
-        else:
-            name, version = body.rsplit("/", 1)
-            mv = c.get_model_version(name, version)
-    except (MlflowException, ValueError) as exc:
-        raise FileNotFoundError(f"model {ref} is not in the registry at {tracking_uri(root)}: {exc}") from None
+    mv = registry_version(root, ref)
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(download_dir))
     weights = next(Path(local).rglob("model.safetensors"), None)
     if weights is None:
