@@ -14,6 +14,7 @@ import json
 import os
 import re
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,15 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     data = st_save(tensors, metadata={"meta": json.dumps(meta), "sha256": _digest(tensors)})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no partial file behind
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -104,3 +109,42 @@ def prune(directory: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints."""
     for path in list_checkpoints(directory)[:-keep]:
         path.unlink(missing_ok=True)
+
+
+class BackgroundWriter:
+    """Writes checkpoints on one background thread, so training goes on while a file is
+    hashed, written and fsynced. ``submit`` snapshots the tensors first (a copy on the CPU),
+    so later in-place updates cannot reach the file; at most one write is in flight.
+    Each file is still atomic and verified, as with ``save``."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: tuple[Path, Future] | None = None
+
+    def submit(self, path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
+        """Queue ``tensors`` + ``meta`` for ``path``, then keep the newest ``keep`` checkpoints of its folder."""
+        self.wait()
+        snapshot = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+        path = Path(path)
+        self._pending = (path, self._pool.submit(self._write, path, snapshot, meta, keep))
+
+    @staticmethod
+    def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
+        try:
+            save(path, tensors, meta)
+        except OSError as exc:
+            raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+        prune(path.parent, keep)
+
+    def wait(self) -> Path | None:
+        """Block until the write in flight is on disk and return its path (None if there was none);
+        a failed write raises here, on the training thread."""
+        if self._pending is None:
+            return None
+        (path, future), self._pending = self._pending, None
+        future.result()
+        return path
+
+    def close(self) -> None:
+        """Finish the write in flight (its error, if any, is not raised again) and stop the thread."""
+        self._pool.shutdown(wait=True)

@@ -143,8 +143,9 @@ class TrainConfig:
     min_snr_gamma: float = 0.0  # 0: plain MSE (Hang et al. 2023 use 5)
     hflip: bool = False
     mixed_precision: str = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile the UNet (falls back to eager, with a warning, if compiling fails)
     channels_last: bool = False
+    deterministic: bool = False  # deterministic kernels on CUDA (slower); CPU runs are reproducible anyway
     device: str = "auto"
     seed: int = 0
     log_every_steps: int = 25

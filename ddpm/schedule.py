@@ -7,6 +7,7 @@ Notation follows Ho et al. 2020, "Denoising Diffusion Probabilistic Models"
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -56,6 +57,14 @@ class NoiseSchedule:
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)
         # alpha_bar_{t-1}, with alpha_bar_{-1} = 1 (x_0 is clean)
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        """The same tables on ``device`` (moved, not recomputed), so training indexes them there."""
+        moved = copy.copy(self)
+        dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64  # MPS has no float64
+        for name in ("betas", "alphas", "alpha_bar", "alpha_bar_prev"):
+            setattr(moved, name, getattr(self, name).to(device, dtype))
+        return moved
 
     @property
     def T(self) -> int:

@@ -4,6 +4,11 @@ Phases per step: draw a batch -> noise it at random t -> regress the objective
 -> optimizer step -> EMA. Maintenance on intervals: report, checkpoint.
 The loop reports through ``callback(event: dict)`` and never imports a tracker.
 
+Fast by keeping the host out of the steady state: data for sets that fit lives
+on the device, timesteps and noise come from a device generator, the loss is
+summed on the device and read only at log steps, the EMA and AdamW are
+multi-tensor kernels, and checkpoints are written by a background thread.
+
 Resume: checkpoints live in ``train.checkpoint_dir/<fingerprint>/``, where the
 fingerprint hashes everything that changes the result (model, diffusion, the
 train settings that matter, the data hash). A rerun with the same fingerprint
@@ -12,38 +17,48 @@ continues from the newest readable checkpoint, bitwise as if never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
-import functools
 import hashlib
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ddpm import checkpoint
+from ddpm.batches import Batches
 from ddpm.config import Config
 from ddpm.device import autocast_dtype, resolve_device
-from ddpm.export import load_state_checked, save_model
+from ddpm.ema import ema_beta, ema_update
+from ddpm.export import save_model
 from ddpm.objectives import loss_weight, training_target
 from ddpm.prepare import load_manifest, load_split
 from ddpm.schedule import NoiseSchedule
+from ddpm.train_state import TrainState, restore, to_checkpoint
 from ddpm.unet import build_unet
+
+__all__ = ["TrainResult", "train", "fingerprint", "checkpoint_dir", "learning_rate", "ema_beta",
+           "TrainingOutOfMemoryError"]
 
 Callback = Callable[[dict[str, Any]], None]
 
 # Train settings that do not change the trained weights, left out of the fingerprint.
 _NOT_IN_FINGERPRINT = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "checkpoint_dir",
                        "out_dir", "loss_path", "device")
-_TRAINING_CODE = ("train.py", "unet.py", "schedule.py", "objectives.py")
-_IN_MEMORY_LIMIT_BYTES = 2 << 30  # prepared sets smaller than this are read into RAM
+_TRAINING_CODE = ("train.py", "unet.py", "schedule.py", "objectives.py", "ema.py", "batches.py")
+
+
+class TrainingOutOfMemoryError(RuntimeError):
+    """The device ran out of memory; the message says at which batch size and what to change."""
 
 
 @dataclass
@@ -90,193 +105,238 @@ def learning_rate(step: int, cfg) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def ema_beta(step: int, halflife_steps: float, rampup_ratio: float) -> float:
-    """EMA decay per step from a half-life (Karras et al. 2022, EDM, training_loop.py);
-    the half-life ramps up as ``rampup_ratio * step`` early in training."""
-    halflife = halflife_steps
-    if rampup_ratio > 0:
-        halflife = min(halflife, step * rampup_ratio)
-    return 0.5 ** (1 / halflife) if halflife > 0 else 0.0
+# -- set-up ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _backend_settings(device: torch.device, deterministic: bool):
+    """cuDNN autotuning on CUDA; ``deterministic`` forces deterministic kernels (restored afterwards)."""
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1])
 
 
-@functools.lru_cache(maxsize=2)
-def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of epoch e: a fixed permutation of (seed, e), drawn once per epoch."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).numpy()
+def _new_state(cfg: Config, channels: int, resolution: int, device: torch.device, precision: str) -> TrainState:
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = build_unet(cfg.model, channels, resolution).to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    fused = device.type in ("cuda", "cpu")  # one kernel for the whole update where torch has it
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused)
+    generator = torch.Generator(device).manual_seed(tc.seed)
+    return TrainState(model, ema, opt, generator, device, precision)
 
 
-def _batch_indices(n: int, batch: int, seed: int, epoch: int, pos: int) -> tuple[np.ndarray, int, int]:
-    """Indices of the next batch (sorted, for sequential reads) and the new (epoch, pos)."""
-    if pos + batch > n:
-        epoch, pos = epoch + 1, 0
-    return np.sort(_epoch_order(n, seed, epoch)[pos : pos + batch]), epoch, pos + batch
+def _resume(s: TrainState, ckpt_dir: Path, fresh: bool) -> None:
+    if fresh:
+        for p in checkpoint.list_checkpoints(ckpt_dir):
+            p.unlink()
+        return
+    found = checkpoint.latest_valid(ckpt_dir)
+    if found is not None:
+        path, tensors, meta = found
+        restore(s, tensors, meta, path)
+        print(f"resuming from {path} at step {s.step}")
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    sd = opt.state_dict()
-    tensors = {f"optim.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
-    return tensors, sd["param_groups"]
+def _compiled(model: torch.nn.Module, example: tuple[torch.Tensor, torch.Tensor], amp_dtype) -> Callable:
+    """``torch.compile(model)``, tried once on a batch of the training shape (forward and backward);
+    if compilation fails, a warning and the eager model."""
+    compiled = torch.compile(model, dynamic=False)
+    try:
+        with torch.autocast(example[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = compiled(*example)
+        out.float().sum().backward()
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: train eagerly
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"train.compile: torch.compile failed ({type(exc).__name__}: {first[:300]}); "
+                      f"training without compilation", stacklevel=3)
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    return compiled
 
 
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
+# -- one step ---------------------------------------------------------------------------------------------
 
+def diffusion_loss(forward: Callable, schedule: NoiseSchedule, images: torch.Tensor, g: torch.Generator,
+                   cfg: Config, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Algorithm 1 of Ho et al. 2020 for one batch of uint8 images (B, C, H, W) on the device:
+    the (min-SNR weighted) mean squared error of the objective, a scalar on the device."""
+    tc, objective, device = cfg.train, cfg.diffusion.objective, images.device
+    x0 = images.float().div(127.5).sub(1)  # (B, C, H, W) in [-1, 1]
+    B = x0.shape[0]
+    t = torch.randint(0, schedule.T, (B,), generator=g, device=device)
+    noise = torch.randn(x0.shape, generator=g, device=device)
+    if tc.hflip:
+        flip = torch.rand(B, generator=g, device=device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    if tc.channels_last:
+        x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
+    alpha_bar = schedule.at(schedule.alpha_bar, t, x0)
+    x_t = schedule.q_sample(x0, t, noise)  # eq. 4
+    target = training_target(objective, x0, noise, alpha_bar)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        out = forward(x_t, t)
+    per_sample = (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    weight = loss_weight(objective, schedule.snr(t), tc.min_snr_gamma).to(per_sample.dtype)
+    return (weight * per_sample).mean()
+
+
+def _optimizer_step(s: TrainState, batches: Batches, schedule: NoiseSchedule, forward: Callable, cfg: Config,
+                    lr: float, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns the step's loss on the device."""
+    tc = cfg.train
+    for group in s.opt.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=s.device)
+    for _ in range(tc.grad_accum_steps):
+        images, s.epoch, s.pos = batches.next(s.epoch, s.pos)
+        loss = diffusion_loss(forward, schedule, images, s.generator, cfg, amp_dtype) / tc.grad_accum_steps
+        loss.backward()
+        step_loss += loss.detach()
+    if tc.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), tc.grad_clip_norm, foreach=True)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    return step_loss
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(cfg: Config, shape: tuple[int, ...], precision: str, last_checkpoint: Callable[[], int]):
+    """Turn a device out-of-memory error into one that names the batch size and what to change."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        tc, first = cfg.train, str(exc).strip().splitlines()[0]
+        raise TrainingOutOfMemoryError(
+            f"out of device memory at train.batch_size={tc.batch_size} (images {'x'.join(map(str, shape))}, "
+            f"{precision}, grad_accum_steps={tc.grad_accum_steps}): {first[:200]}. Lower train.batch_size (and raise "
+            f"train.grad_accum_steps by the same factor to keep the effective batch), or use "
+            f"train.mixed_precision=bf16. Nothing is lost: a rerun resumes from the checkpoint at step "
+            f"{last_checkpoint()}") from None
+
+
+# -- the loop -------------------------------------------------------------------------------------------
 
 def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = None,
           fresh: bool = False) -> TrainResult:
     """Train to ``cfg.train.steps``, resuming from the latest checkpoint unless ``fresh``.
 
     An exception raised by ``callback`` stops training as a crash would, after the
-    last checkpoint.
+    last checkpoint. A ``checkpoint`` event is sent once its file is on disk.
     """
     tc, callback = cfg.train, callback or (lambda event: None)
     device = resolve_device(tc.device)
     amp_dtype = autocast_dtype(tc.mixed_precision, device)
+    precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     manifest = load_manifest(prepared_dir)
-    data = load_split(prepared_dir, "train")
-    images = np.asarray(data.images) if data.images.nbytes <= _IN_MEMORY_LIMIT_BYTES else data.images
+    images = load_split(prepared_dir, "train").images
     n, channels, resolution = images.shape[0], images.shape[1], images.shape[2]
-    if n < tc.batch_size:
-        raise ValueError(f"train.batch_size={tc.batch_size} is larger than the {n} prepared training images")
+    with _backend_settings(device, tc.deterministic):
+        batches = Batches(images, tc.batch_size, tc.seed, device)
+        s = _new_state(cfg, channels, resolution, device, precision)
+        schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+        forward = s.model
+        if tc.compile:
+            example = torch.zeros(tc.batch_size, channels, resolution, resolution, device=device)
+            forward = _compiled(s.model, (example, torch.zeros(tc.batch_size, dtype=torch.long, device=device)),
+                                amp_dtype)
+        ckpt_dir = checkpoint_dir(cfg, prepared_dir)
+        _resume(s, ckpt_dir, fresh)
+        resumed_from, nparams = s.step, s.model.num_parameters()
+        callback({"event": "start", "step": s.step, "num_parameters": nparams, "device": str(device),
+                  "precision": precision, "fingerprint": ckpt_dir.name, "resumed_from_step": resumed_from})
+        print(f"training {nparams / 1e6:.2f} M params on {device} ({precision}), {n} images "
+              f"{channels}x{resolution}x{resolution} ({'on the device' if batches.in_memory else 'memory-mapped'}), "
+              f"steps {s.step} -> {tc.steps}")
+        elapsed = _loop(s, cfg, batches, schedule, forward, amp_dtype, ckpt_dir, callback,
+                        (channels, resolution, resolution))
 
-    torch.manual_seed(tc.seed)
-    model = build_unet(cfg.model, channels, resolution).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps)
-    g = torch.Generator().manual_seed(tc.seed)  # timesteps, noise and flips
-    if tc.channels_last:
-        model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if tc.compile else model
-
-    # -- resume --------------------------------------------------------------
-    ckpt_dir = checkpoint_dir(cfg, prepared_dir)
-    fp = ckpt_dir.name
-    step, epoch, pos, history = 0, 0, 0, []
-    window_loss, window_n = 0.0, 0  # steps since the last log line; saved so a resumed log matches
-    found = None if fresh else checkpoint.latest_valid(ckpt_dir)
-    if fresh:
-        for p in checkpoint.list_checkpoints(ckpt_dir):
-            p.unlink()
-    if found is not None:
-        path, tensors, cmeta = found
-        load_state_checked(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
-        load_state_checked(ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, str(path))
-        _restore_optimizer(opt, tensors, cmeta["optim_groups"])
-        torch.set_rng_state(tensors["rng.torch"])
-        g.set_state(tensors["rng.train"])
-        if device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-        step, epoch, pos, history = cmeta["step"], cmeta["epoch"], cmeta["pos"], cmeta["history"]
-        window_loss, window_n = cmeta.get("window_loss", 0.0), cmeta.get("window_n", 0)
-        print(f"resuming from {path} at step {step}")
-    resumed_from = step
-
-    def save_checkpoint() -> Path:
-        opt_tensors, groups = _optimizer_tensors(opt)
-        tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                   **{f"ema.{k}": v for k, v in ema.state_dict().items()}, **opt_tensors,
-                   "rng.torch": torch.get_rng_state(), "rng.train": g.get_state()}
-        if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        path = checkpoint.step_path(ckpt_dir, step)
-        checkpoint.save(path, tensors, {"step": step, "epoch": epoch, "pos": pos, "history": history,
-                                        "window_loss": window_loss, "window_n": window_n,
-                                        "optim_groups": groups, "fingerprint": fp})
-        checkpoint.prune(ckpt_dir, tc.keep_checkpoints)
-        callback({"event": "checkpoint", "step": step, "path": str(path)})
-        return path
-
-    nparams = model.num_parameters()
-    callback({"event": "start", "step": step, "num_parameters": nparams, "device": str(device),
-              "fingerprint": fp, "resumed_from_step": resumed_from})
-    print(f"training {nparams / 1e6:.2f} M params on {device} ({amp_dtype or 'fp32'}), "
-          f"{n} images {channels}x{resolution}x{resolution}, steps {step} -> {tc.steps}")
-
-    t_window, images_seen = time.perf_counter(), 0
-    t_start, images_total = time.perf_counter(), 0
-    bar = tqdm(total=tc.steps, initial=step, desc="train", unit="step", mininterval=1.0)
-    model.train()
-    while step < tc.steps:
-        # -- one optimizer step over grad_accum_steps micro-batches ------------
-        lr = learning_rate(step, tc)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for _ in range(tc.grad_accum_steps):
-            idx, epoch, pos = _batch_indices(n, tc.batch_size, tc.seed, epoch, pos)
-            x0 = torch.from_numpy(images[idx]).to(device).float().div(127.5).sub(1)  # (B, C, H, W) in [-1, 1]
-            B = x0.shape[0]
-            t = torch.randint(0, schedule.T, (B,), generator=g)
-            noise = torch.randn(x0.shape, generator=g)
-            if tc.hflip:
-                flip = torch.rand(B, generator=g) < 0.5
-                x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
-            t, noise = t.to(device), noise.to(device)
-            if tc.channels_last:
-                x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
-            alpha_bar = schedule.at(schedule.alpha_bar, t, x0)
-            x_t = schedule.q_sample(x0, t, noise)  # eq. 4
-            target = training_target(cfg.diffusion.objective, x0, noise, alpha_bar)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = forward(x_t, t)
-            per_sample = (out.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
-            weight = loss_weight(cfg.diffusion.objective, schedule.snr(t), tc.min_snr_gamma).to(per_sample.dtype)
-            loss = (weight * per_sample).mean() / tc.grad_accum_steps
-            loss.backward()
-            step_loss += loss.item()
-            images_seen += B
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {step}; lower train.lr "
-                                     f"(now {tc.lr}) or enable train.grad_clip_norm")
-        if tc.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-        # -- EMA --------------------------------------------------------------
-        beta = ema_beta(step, tc.ema_halflife_steps, tc.ema_rampup_ratio)
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - beta)
-        step += 1
-        window_loss, window_n = window_loss + step_loss, window_n + 1
-
-        # -- maintenance ----------------------------------------------------------
-        bar.update(1)
-        if step % tc.log_every_steps == 0 or step == tc.steps:
-            now = time.perf_counter()
-            ips = images_seen / (now - t_window)
-            images_total += images_seen
-            record = {"step": step, "loss": window_loss / window_n, "lr": lr, "images_per_s": ips}
-            history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-            callback({"event": "log", **record})
-            window_loss, window_n, t_window, images_seen = 0.0, 0, now, 0
-        if step % tc.checkpoint_every_steps == 0 or step == tc.steps:
-            save_checkpoint()
-    bar.close()
-
-    # -- outputs ----------------------------------------------------------------
+    # -- outputs ----------------------------------------------------------------------------------------
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.safetensors"
-    save_model(model_path, ema, cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.objective,
-               extra={"data_hash": manifest["content_hash"], "steps": step, "fingerprint": fp})
+    save_model(model_path, s.ema, cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.objective,
+               extra={"data_hash": manifest["content_hash"], "steps": s.step, "fingerprint": ckpt_dir.name})
     loss_csv = Path(tc.loss_path)
     loss_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(loss_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(history)
-    elapsed = time.perf_counter() - t_start
-    ips = images_total / elapsed if images_total else 0.0
-    final_loss = history[-1]["loss"] if history else float("nan")
-    callback({"event": "end", "step": step, "final_loss": final_loss, "model_path": str(model_path)})
-    return TrainResult(step, final_loss, ips, nparams, model_path, loss_csv, ckpt_dir, resumed_from, history)
+        writer.writerows(s.history)
+    images_total = (s.step - resumed_from) * tc.batch_size * tc.grad_accum_steps
+    final_loss = s.history[-1]["loss"] if s.history else float("nan")
+    callback({"event": "end", "step": s.step, "final_loss": final_loss, "model_path": str(model_path)})
+    return TrainResult(s.step, final_loss, images_total / elapsed if elapsed > 0 else 0.0, nparams, model_path,
+                       loss_csv, ckpt_dir, resumed_from, s.history)
+
+
+def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule, forward: Callable, amp_dtype,
+          ckpt_dir: Path, callback: Callback, shape: tuple[int, int, int]) -> float:
+    """Step to ``train.steps`` with maintenance on intervals; returns the seconds spent."""
+    tc = cfg.train
+    writer, written = checkpoint.BackgroundWriter(), {"step": s.step, "pending": None}
+    images_per_step = tc.batch_size * tc.grad_accum_steps
+    t_start = t_window = time.perf_counter()
+    steps_in_window = 0
+    bar = tqdm(total=tc.steps, initial=s.step, desc="train", unit="step", mininterval=1.0)
+    s.model.train()
+
+    def on_disk() -> None:  # the checkpoint in flight is written: tell the callback
+        if writer.wait() is not None:
+            step, written["pending"] = written["pending"], None
+            written["step"] = step
+            callback({"event": "checkpoint", "step": step, "path": str(checkpoint.step_path(ckpt_dir, step))})
+
+    try:
+        with _explain_out_of_memory(cfg, (tc.batch_size, *shape), s.precision, lambda: written["step"]):
+            while s.step < tc.steps:
+                # -- step and EMA ---------------------------------------------------------------------
+                lr = learning_rate(s.step, tc)
+                step_loss = _optimizer_step(s, batches, schedule, forward, cfg, lr, amp_dtype)
+                ema_update(s.ema, s.model, ema_beta(s.step, tc.ema_halflife_steps, tc.ema_rampup_ratio))
+                s.step += 1
+                s.window_loss += step_loss
+                s.window_n += 1
+                steps_in_window += 1
+                bar.update(1)
+
+                # -- maintenance: report, checkpoint ---------------------------------------------------
+                log_now = s.step % tc.log_every_steps == 0 or s.step == tc.steps
+                checkpoint_now = s.step % tc.checkpoint_every_steps == 0 or s.step == tc.steps
+                if not (log_now or checkpoint_now):
+                    continue
+                on_disk()
+                window_loss = float(s.window_loss)  # the one host sync of a logging interval
+                if not math.isfinite(window_loss):
+                    raise FloatingPointError(
+                        f"loss became {window_loss} between steps {s.step - s.window_n} and {s.step}; lower "
+                        f"train.lr (now {tc.lr}) or enable train.grad_clip_norm. The last good checkpoint is "
+                        f"step {written['step']}")
+                if log_now:
+                    now = time.perf_counter()
+                    record = {"step": s.step, "loss": window_loss / s.window_n, "lr": lr,
+                              "images_per_s": steps_in_window * images_per_step / (now - t_window)}
+                    s.history.append(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.0f}")
+                    callback({"event": "log", **record})
+                    s.window_loss.zero_()
+                    s.window_n, steps_in_window, t_window = 0, 0, now
+                if checkpoint_now:
+                    tensors, meta = to_checkpoint(s, ckpt_dir.name)
+                    writer.submit(checkpoint.step_path(ckpt_dir, s.step), tensors, meta, tc.keep_checkpoints)
+                    written["pending"] = s.step
+            on_disk()
+    finally:
+        writer.close()
+        bar.close()
+    return time.perf_counter() - t_start

@@ -60,9 +60,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        # (B, nh, HW, hs)
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        qkv = self.qkv(self.norm(x)).reshape(B, 3 * self.heads, C // self.heads, H * W)  # (B, 3*nh, hs, HW)
+        # one copy to (B, 3*nh, HW, hs): each head's rows are then dense, which the fused SDPA kernels
+        # (flash, memory-efficient) require; strided views fall back to the slower math kernel
+        q, k, v = qkv.transpose(-1, -2).contiguous().chunk(3, dim=1)  # each (B, nh, HW, hs)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, HW, hs)
         return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
