@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup data run test clean prefect-server mlflow-ui
+.PHONY: setup data run test clean prefect-server mlflow-ui bench-train gpu-wheels
 
 $(BIN)/ddpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,14 @@ mlflow-ui: setup
 
 clean:
 	rm -rf data/prepared data/reference models samples checkpoints .cache mlflow.db mlartifacts
+
+# Benchmarks (not part of the two commands). diffusers is the anchor, installed only here.
+bench-train: setup
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/train_speed.py
+
+# Wheels for benchmarks/gpu_run.sh on a GPU machine that has torch (Python 3.12, x86-64) but no registry.
+gpu-wheels:
+	$(PYTHON) -m pip download -q -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  pyyaml tqdm safetensors psutil diffusers

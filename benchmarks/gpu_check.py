@@ -1,5 +1,6 @@
 """Exercise the CUDA paths of the library once: bf16 training, checkpoint + resume with
-CUDA RNG state, and each sampler on the GPU against the same sampler on the CPU.
+CUDA RNG state, deterministic mode, a real out-of-memory error, a CUDA checkpoint resumed
+on the CPU, and each sampler on the GPU against the same sampler on the CPU.
 
     python benchmarks/gpu_check.py      # prints a markdown report
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 import time
 from pathlib import Path
 
@@ -17,15 +19,15 @@ import torch
 from ddpm import config
 from ddpm.export import load_model
 from ddpm.samplers import sample
-from ddpm.train import train
+from ddpm.train import TrainingOutOfMemoryError, train
 
 
-def prepared(root: Path, n: int = 512) -> Path:
-    d = root / "prepared"
+def prepared(root: Path, n: int = 512, shape: tuple[int, int, int] = (1, 28, 28)) -> Path:
+    d = root / f"prepared-{n}-{'x'.join(map(str, shape))}"
     d.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, count in (("train", n), ("test", 64)):
-        np.save(d / f"{split}_images.npy", rng.integers(0, 256, (count, 1, 28, 28), dtype=np.uint8))
+        np.save(d / f"{split}_images.npy", rng.integers(0, 256, (count, *shape), dtype=np.uint8))
         np.save(d / f"{split}_labels.npy", rng.integers(0, 10, count).astype(np.int64))
     (d / "manifest.json").write_text(json.dumps({"content_hash": "gpu-check", "channels": 1, "shape": [1, 28, 28],
                                                  "classes": [str(i) for i in range(10)]}))
@@ -69,6 +71,32 @@ def main() -> None:
     print(f"| resume at step 20 vs straight | resumed_from={resumed.resumed_from_step}, "
           f"max |dEMA| = {max(diffs):.3g}, bitwise equal: {max(diffs) == 0} |")
     print(f"| peak CUDA memory | {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB |")
+
+    det = [train(cfg(f"det{i}", deterministic=True, mixed_precision="fp32"), data) for i in (1, 2)]
+    da, db = load_model(det[0].model_path), load_model(det[1].model_path)
+    same = all(torch.equal(pa, pb) for pa, pb in zip(da.unet.parameters(), db.unet.parameters()))
+    print(f"| train.deterministic: two fp32 runs of 40 steps | bitwise equal: {same}; "
+          f"{det[0].images_per_s:.0f} img/s vs {straight.images_per_s:.0f} (bf16, not deterministic) |")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # the same run on the CPU: device is not part of the fingerprint, so it finds run b's last checkpoint
+        on_cpu = train(config.from_dict({**cfg("b").to_dict(), "train": {**cfg("b").to_dict()["train"],
+                                                                          "device": "cpu"}}), data)
+    said = [str(w.message) for w in caught if "was written on cuda" in str(w.message)]
+    print(f"| a CUDA bf16 checkpoint resumed on the CPU | resumed_from={on_cpu.resumed_from_step}, "
+          f"warned: {said[0][:160] if said else 'NO WARNING'} |")
+
+    big = prepared(root, n=4096, shape=(3, 64, 64))
+    try:
+        train(config.from_dict({"train": {"steps": 2, "batch_size": 4096, "device": "cuda",
+                                          "checkpoint_dir": str(root / "oom" / "ck"),
+                                          "out_dir": str(root / "oom" / "m"), "loss_path": str(root / "oom.csv")},
+                                "model": {"base_channels": 256, "attention_resolutions": [64, 32, 16]}}), big)
+        print("| out of memory | batch 4096 at 64x64 with attention at 64 fitted: no error to show |")
+    except TrainingOutOfMemoryError as exc:
+        print(f"| out of memory | {str(exc)[:300]} |")
+    torch.cuda.empty_cache()
 
     model = a.unet
     for name, steps in (("ddpm", 100), ("ddim", 20), ("dpm_solver++", 20)):

@@ -85,12 +85,17 @@ def step_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"step-{step:09d}.safetensors"
 
 
+def step_of(path: str | Path) -> int:
+    """The step in a checkpoint's file name (``step-000000200.safetensors`` -> 200)."""
+    return int(_NAME.search(Path(path).name).group(1))
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Checkpoint files in ``directory``, oldest step first."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    return sorted((p for p in d.iterdir() if _NAME.search(p.name)), key=lambda p: int(_NAME.search(p.name).group(1)))
+    return sorted((p for p in d.iterdir() if _NAME.search(p.name)), key=step_of)
 
 
 def latest_valid(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:

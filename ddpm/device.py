@@ -1,6 +1,11 @@
-"""Pick the torch device and autocast precision a config asks for."""
+"""Pick the torch device and autocast precision a config asks for, and the backend switches that go with them."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Callable
 
 import torch
 
@@ -40,3 +45,36 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         raise RuntimeError(f"mixed_precision=bf16 is not supported on {device}; use auto or fp32")
     return torch.bfloat16 if supported else None
+
+
+@contextlib.contextmanager
+def backend_settings(device: torch.device, deterministic: bool):
+    """cuDNN autotuning on CUDA; ``deterministic`` forces deterministic kernels (restored afterwards)."""
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1])
+
+
+def compile_or_eager(model: torch.nn.Module, example: tuple[torch.Tensor, torch.Tensor], amp_dtype) -> Callable:
+    """``torch.compile(model)``, tried once on a batch of the training shape (forward and backward);
+    if compilation fails, a warning and the eager model."""
+    compiled = torch.compile(model, dynamic=False)
+    try:
+        with torch.autocast(example[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = compiled(*example)
+        out.float().sum().backward()
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: train eagerly
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"train.compile: torch.compile failed ({type(exc).__name__}: {first[:300]}); "
+                      f"training without compilation", stacklevel=3)
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+    return compiled

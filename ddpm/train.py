@@ -24,9 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +35,7 @@ from tqdm import tqdm
 from ddpm import checkpoint
 from ddpm.batches import Batches
 from ddpm.config import Config
-from ddpm.device import autocast_dtype, resolve_device
+from ddpm.device import autocast_dtype, backend_settings, compile_or_eager, resolve_device
 from ddpm.ema import ema_beta, ema_update
 from ddpm.export import save_model
 from ddpm.objectives import loss_weight, training_target
@@ -107,21 +105,6 @@ def learning_rate(step: int, cfg) -> float:
 
 # -- set-up ---------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _backend_settings(device: torch.device, deterministic: bool):
-    """cuDNN autotuning on CUDA; ``deterministic`` forces deterministic kernels (restored afterwards)."""
-    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before[0]
-        torch.use_deterministic_algorithms(before[1])
-
-
 def _new_state(cfg: Config, channels: int, resolution: int, device: torch.device, precision: str) -> TrainState:
     tc = cfg.train
     torch.manual_seed(tc.seed)
@@ -145,24 +128,6 @@ def _resume(s: TrainState, ckpt_dir: Path, fresh: bool) -> None:
         path, tensors, meta = found
         restore(s, tensors, meta, path)
         print(f"resuming from {path} at step {s.step}")
-
-
-def _compiled(model: torch.nn.Module, example: tuple[torch.Tensor, torch.Tensor], amp_dtype) -> Callable:
-    """``torch.compile(model)``, tried once on a batch of the training shape (forward and backward);
-    if compilation fails, a warning and the eager model."""
-    compiled = torch.compile(model, dynamic=False)
-    try:
-        with torch.autocast(example[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = compiled(*example)
-        out.float().sum().backward()
-    except Exception as exc:  # noqa: BLE001 - any compiler failure means: train eagerly
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"train.compile: torch.compile failed ({type(exc).__name__}: {first[:300]}); "
-                      f"training without compilation", stacklevel=3)
-        return model
-    finally:
-        model.zero_grad(set_to_none=True)
-    return compiled
 
 
 # -- one step ---------------------------------------------------------------------------------------------
@@ -216,13 +181,13 @@ def _explain_out_of_memory(cfg: Config, shape: tuple[int, ...], precision: str, 
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:
-        tc, first = cfg.train, str(exc).strip().splitlines()[0]
+        tc, first = cfg.train, str(exc).strip().splitlines()[0].rstrip(".")
+        bf16 = " or use train.mixed_precision=bf16," if precision == "fp32" else ""
         raise TrainingOutOfMemoryError(
             f"out of device memory at train.batch_size={tc.batch_size} (images {'x'.join(map(str, shape))}, "
             f"{precision}, grad_accum_steps={tc.grad_accum_steps}): {first[:200]}. Lower train.batch_size (and raise "
-            f"train.grad_accum_steps by the same factor to keep the effective batch), or use "
-            f"train.mixed_precision=bf16. Nothing is lost: a rerun resumes from the checkpoint at step "
-            f"{last_checkpoint()}") from None
+            f"train.grad_accum_steps by the same factor to keep the effective batch){bf16} and run again: nothing is "
+            f"lost, training resumes from the checkpoint at step {last_checkpoint()}") from None
 
 
 # -- the loop -------------------------------------------------------------------------------------------
@@ -241,14 +206,14 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
     manifest = load_manifest(prepared_dir)
     images = load_split(prepared_dir, "train").images
     n, channels, resolution = images.shape[0], images.shape[1], images.shape[2]
-    with _backend_settings(device, tc.deterministic):
+    with backend_settings(device, tc.deterministic):
         batches = Batches(images, tc.batch_size, tc.seed, device)
         s = _new_state(cfg, channels, resolution, device, precision)
         schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
         forward = s.model
         if tc.compile:
             example = torch.zeros(tc.batch_size, channels, resolution, resolution, device=device)
-            forward = _compiled(s.model, (example, torch.zeros(tc.batch_size, dtype=torch.long, device=device)),
+            forward = compile_or_eager(s.model, (example, torch.zeros(tc.batch_size, dtype=torch.long, device=device)),
                                 amp_dtype)
         ckpt_dir = checkpoint_dir(cfg, prepared_dir)
         _resume(s, ckpt_dir, fresh)
@@ -284,21 +249,21 @@ def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule,
           ckpt_dir: Path, callback: Callback, shape: tuple[int, int, int]) -> float:
     """Step to ``train.steps`` with maintenance on intervals; returns the seconds spent."""
     tc = cfg.train
-    writer, written = checkpoint.BackgroundWriter(), {"step": s.step, "pending": None}
+    writer, last_on_disk = checkpoint.BackgroundWriter(), [s.step]
     images_per_step = tc.batch_size * tc.grad_accum_steps
     t_start = t_window = time.perf_counter()
     steps_in_window = 0
     bar = tqdm(total=tc.steps, initial=s.step, desc="train", unit="step", mininterval=1.0)
     s.model.train()
 
-    def on_disk() -> None:  # the checkpoint in flight is written: tell the callback
-        if writer.wait() is not None:
-            step, written["pending"] = written["pending"], None
-            written["step"] = step
-            callback({"event": "checkpoint", "step": step, "path": str(checkpoint.step_path(ckpt_dir, step))})
+    def on_disk() -> None:  # wait for the checkpoint in flight, then tell the callback it is there
+        path = writer.wait()
+        if path is not None:
+            last_on_disk[0] = checkpoint.step_of(path)
+            callback({"event": "checkpoint", "step": last_on_disk[0], "path": str(path)})
 
     try:
-        with _explain_out_of_memory(cfg, (tc.batch_size, *shape), s.precision, lambda: written["step"]):
+        with _explain_out_of_memory(cfg, (tc.batch_size, *shape), s.precision, lambda: last_on_disk[0]):
             while s.step < tc.steps:
                 # -- step and EMA ---------------------------------------------------------------------
                 lr = learning_rate(s.step, tc)
@@ -321,7 +286,7 @@ def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule,
                     raise FloatingPointError(
                         f"loss became {window_loss} between steps {s.step - s.window_n} and {s.step}; lower "
                         f"train.lr (now {tc.lr}) or enable train.grad_clip_norm. The last good checkpoint is "
-                        f"step {written['step']}")
+                        f"step {last_on_disk[0]}")
                 if log_now:
                     now = time.perf_counter()
                     record = {"step": s.step, "loss": window_loss / s.window_n, "lr": lr,
@@ -334,7 +299,6 @@ def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule,
                 if checkpoint_now:
                     tensors, meta = to_checkpoint(s, ckpt_dir.name)
                     writer.submit(checkpoint.step_path(ckpt_dir, s.step), tensors, meta, tc.keep_checkpoints)
-                    written["pending"] = s.step
             on_disk()
     finally:
         writer.close()

@@ -330,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except Exception as exc:
         from ddpm.checkpoint import CheckpointError
+        from ddpm.train import TrainingOutOfMemoryError
 
-        if isinstance(exc, CheckpointError):
+        # deterministic failures whose message says what to do: no traceback above it
+        if isinstance(exc, (CheckpointError, TrainingOutOfMemoryError, FloatingPointError)):
             print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         raise

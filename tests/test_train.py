@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from ddpm import checkpoint, config
 from ddpm.checkpoint import CheckpointError
 from ddpm.config import TrainConfig
 from ddpm.prepare import content_hash
-from ddpm.train import checkpoint_dir, ema_beta, learning_rate, train
+from ddpm.train import TrainingOutOfMemoryError, _explain_out_of_memory, checkpoint_dir, ema_beta, learning_rate, train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +55,8 @@ def prepared(tmp_path_factory) -> Path:
 HARD = dict(model={"dropout": 0.1}, diffusion={"objective": "v"},
             train={"hflip": True, "grad_accum_steps": 2, "min_snr_gamma": 5.0})
 PLAIN = dict(model={}, diffusion={}, train={})
+BF16 = dict(model={}, diffusion={}, train={"mixed_precision": "bf16"})  # bf16 autocast on the CPU
+CASES = {"hard": HARD, "plain": PLAIN, "bf16": BF16}
 
 
 def tiny_cfg(run_dir: Path, model=None, diffusion=None, train=None) -> config.Config:
@@ -97,7 +100,7 @@ def reference(prepared, tmp_path_factory):
 
     def get(name: str):
         if name not in cache:
-            cfg = tiny_cfg(tmp_path_factory.mktemp(f"reference-{name}"), **{"hard": HARD, "plain": PLAIN}[name])
+            cfg = tiny_cfg(tmp_path_factory.mktemp(f"reference-{name}"), **CASES[name])
             cache[name] = train(cfg, prepared)
         return cache[name]
     return get
@@ -125,10 +128,10 @@ def test_same_seed_same_weights_other_seed_other_weights(prepared, tmp_path, ref
     assert sum(not torch.equal(w[k], w_other[k]) for k in w) > len(w) // 2
 
 
-@pytest.mark.parametrize("case,stop_at", [("plain", 6), ("hard", 3), ("hard", 6)])
+@pytest.mark.parametrize("case,stop_at", [("plain", 6), ("hard", 3), ("hard", 6), ("bf16", 6)])
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(prepared, tmp_path, reference, case, stop_at):
     ref = reference(case)
-    cfg = tiny_cfg(tmp_path, **{"hard": HARD, "plain": PLAIN}[case])
+    cfg = tiny_cfg(tmp_path, **CASES[case])
     with pytest.raises(Interrupt):
         train(cfg, prepared, callback=stop_after_checkpoint(stop_at))
     ckpt_dir = checkpoint_dir(cfg, prepared)
@@ -291,3 +294,83 @@ def test_checkpoint_from_another_architecture_is_a_clear_error(prepared, tmp_pat
 def test_batch_larger_than_the_data_is_an_error(prepared, tmp_path):
     with pytest.raises(ValueError, match=r"train\.batch_size=64 is larger than the 40 prepared training images"):
         train(tiny_cfg(tmp_path, train={"batch_size": 64}), prepared)
+
+
+def test_checkpoint_records_device_and_precision_and_another_one_resumes_with_a_warning(prepared, tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    with pytest.raises(Interrupt):
+        train(cfg, prepared, callback=stop_after_checkpoint(6))
+    path = checkpoint.step_path(checkpoint_dir(cfg, prepared), 6)
+    tensors, meta = checkpoint.load(path)
+    assert (meta["device"], meta["precision"]) == ("cpu", "fp32")
+    # the same checkpoint as a GPU run with bf16 autocast would have written it
+    checkpoint.save(path, tensors, {**meta, "device": "cuda", "precision": "bf16"})
+    with pytest.warns(UserWarning, match=r"step-000000006\.safetensors was written on cuda with bf16; resuming on "
+                                         r"cpu with fp32\. Training continues from step 6, but .* not be bitwise"):
+        result = train(cfg, prepared)
+    assert result.resumed_from_step == 6 and result.steps == 12 and math.isfinite(result.final_loss)
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(prepared, tmp_path, monkeypatch, reference):
+    """A real torch.compile failure: inductor pointed at a C++ compiler that does not exist."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))
+    torch._dynamo.reset()
+    try:
+        with pytest.warns(UserWarning, match=r"train\.compile: torch\.compile failed \(.+\); training without "
+                                             r"compilation"):
+            result = train(tiny_cfg(tmp_path, train={"compile": True}), prepared)
+    finally:
+        torch._dynamo.reset()
+    assert result.steps == 12
+    # the trial compile consumed no training randomness: the weights are those of an eager run
+    assert_same_tensors(weights(result.model_path), weights(reference("plain").model_path))
+
+
+@pytest.mark.parametrize("precision,advice", [("bf16", ""), ("fp32", " or use train.mixed_precision=bf16,")])
+def test_out_of_memory_names_the_batch_size_and_what_to_change(tmp_path, precision, advice):
+    cfg = tiny_cfg(tmp_path)
+    expected = (f"out of device memory at train.batch_size=8 (images 8x1x8x8, {precision}, grad_accum_steps=1): CUDA "
+                f"out of memory. Tried to allocate 2.00 GiB. Lower train.batch_size (and raise "
+                f"train.grad_accum_steps by the same factor to keep the effective batch){advice} and run again: "
+                f"nothing is lost, training resumes from the checkpoint at step 6")
+    with pytest.raises(TrainingOutOfMemoryError) as caught:
+        with _explain_out_of_memory(cfg, (8, 1, 8, 8), precision, lambda: 6):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
+    assert str(caught.value) == expected
+
+
+def test_deterministic_mode_trains_the_same_weights_on_cpu_and_restores_torch_settings(prepared, tmp_path, reference):
+    assert not torch.are_deterministic_algorithms_enabled()
+    result = train(tiny_cfg(tmp_path, train={"deterministic": True}), prepared)
+    assert not torch.are_deterministic_algorithms_enabled()  # a global switch, put back after training
+    assert_same_tensors(weights(result.model_path), weights(reference("plain").model_path))
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_training_with_its_path(prepared, tmp_path):
+    """A write that fails as on a full disk (a file-size limit: EFBIG instead of ENOSPC), in the CLI."""
+    cfg = tiny_cfg(tmp_path, train={"checkpoint_every_steps": 3})
+    raw = cfg.to_dict()
+    raw["prepare"]["out_dir"] = str(prepared)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps(raw))  # JSON is YAML
+    limit = 64 * 1024  # below one checkpoint (about 200 KiB), above everything else training writes
+
+    def limit_file_size():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--no-track", "--params", str(params)],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
+    ckpt_dir = checkpoint_dir(cfg, prepared)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"ddpm train: error: could not write checkpoint \S+/step-000000003\.safetensors: "
+                        r"\[Errno 27\] File too large", last), last
+    assert list(ckpt_dir.iterdir()) == []  # no partial file left behind, nothing read as good later
+    assert not (tmp_path / "models").exists()
