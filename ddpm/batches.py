@@ -47,7 +47,8 @@ class Batches:
         if pos + self.batch_size > self.n:  # the rest of an epoch that does not fill a batch is dropped
             epoch, pos = epoch + 1, 0
         end = pos + self.batch_size
+        # sorted: sequential reads from a memory map, and the same batches whichever way the set is held
         if self.in_memory:
-            return self.images[self._order_on_device(epoch)[pos:end]], epoch, end
+            return self.images[self._order_on_device(epoch)[pos:end].sort().values], epoch, end
         idx = np.sort(epoch_order(self.n, self.seed, epoch)[pos:end].numpy())
-        return torch.from_numpy(self.images[idx]).to(self.device, non_blocking=True), epoch, end
+        return torch.from_numpy(self.images[idx]).to(self.device), epoch, end
