@@ -70,6 +70,8 @@ class TrainResult:
     checkpoint_dir: Path
     resumed_from_step: int
     history: list[dict[str, float]]  # one record per logging interval: step, loss, lr, images_per_s
+    seconds: float  # spent in the training loop by this process (not counting set-up or earlier processes)
+    device: str  # e.g. "cuda (bf16)"
 
 
 def _code_hash() -> str:
@@ -242,7 +244,7 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
     final_loss = s.history[-1]["loss"] if s.history else float("nan")
     callback({"event": "end", "step": s.step, "final_loss": final_loss, "model_path": str(model_path)})
     return TrainResult(s.step, final_loss, images_total / elapsed if elapsed > 0 else 0.0, nparams, model_path,
-                       loss_csv, ckpt_dir, resumed_from, s.history)
+                       loss_csv, ckpt_dir, resumed_from, s.history, elapsed, f"{device} ({precision})")
 
 
 def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule, forward: Callable, amp_dtype,
