@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup data run test clean prefect-server mlflow-ui bench-train gpu-wheels
+.PHONY: setup data run test clean prefect-server mlflow-ui sweep bench-train gpu-wheels
 
 $(BIN)/ddpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ run: setup data
 
 test: setup
 	$(BIN)/python -m pytest
+
+# A recipe study (README, "Recipe studies"): each recipe of the sweep file is one DVC experiment.
+SWEEP ?= sweeps/fashion_cpu.yaml
+sweep: setup data
+	$(BIN)/ddpm sweep $(SWEEP)
 
 # Operations (see README, "Operations"): a local Prefect server for schedules, and the MLflow UI.
 PREFECT_PORT ?= 4200

@@ -75,6 +75,8 @@ def cmd_train(args) -> None:
         tracking.end_run(".", run_id, "FAILED")
         raise
     tracking.log_artifacts(".", run_id, [result.loss_csv, args.params])
+    tracking.log_metrics(".", run_id, {"train_seconds": round(result.seconds, 1)}, step=result.steps)
+    tracking.client(".").set_tag(run_id, "ddpm.device", result.device)
     version = tracking.register_model(".", run_id, result.model_path, cfg)
     write_run_file(cfg.train.out_dir, {**_train_summary(result), "run_id": run_id,
                                        "model_name": cfg.tracking.model_name, "model_version": version})
@@ -119,7 +121,8 @@ def _train_summary(result) -> dict:
     print(f"trained to step {result.steps}: final loss {result.final_loss:.4f}, "
           f"{result.images_per_s:.1f} img/s -> {result.model_path}")
     return {"steps": result.steps, "final_loss": result.final_loss, "images_per_s": round(result.images_per_s, 2),
-            "num_parameters": result.num_parameters, "resumed_from_step": result.resumed_from_step}
+            "num_parameters": result.num_parameters, "resumed_from_step": result.resumed_from_step,
+            "train_seconds": round(result.seconds, 1), "device": result.device}
 
 
 def _log_stage_params(run_id: str, section: str, values: dict) -> str:
@@ -272,6 +275,16 @@ def cmd_pipeline(args) -> None:
     run_pipeline(root=".", params=args.params, overrides=args.set)
 
 
+def cmd_sweep(args) -> None:
+    from flows.sweep import load_study, run_study
+
+    study = load_study(args.file, args.params)  # every recipe validated before anything runs
+    rows = run_study(".", study, args.params, args.leaderboard)
+    failed = [r["recipe"] for r in rows if r["status"] != "ok"]
+    print(f"study {study.name}: {len(rows) - len(failed)} recipes finished, {len(failed)} failed"
+          f"{' (' + ', '.join(failed) + ')' if failed else ''}; leaderboard: {args.leaderboard}")
+
+
 def cmd_serve(args) -> None:
     from flows.serve import serve
 
@@ -309,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     add("pipeline", cmd_pipeline, "run the whole pipeline as a Prefect flow over the DVC stages; "
         "-S overrides are written to params.yaml first, as `dvc exp run -S` does")
+    p = sub.add_parser("sweep", help="a recipe study: run each recipe of a sweep file as a DVC experiment, "
+                       "tracked in MLflow, and write a leaderboard")
+    p.add_argument("--params", default="params.yaml", help="params file the recipes override (default: params.yaml)")
+    p.set_defaults(fn=cmd_sweep)
+    p.add_argument("file", help="sweep file, e.g. sweeps/fashion_cpu.yaml")
+    p.add_argument("--leaderboard", default="metrics/leaderboard.csv", help="where the leaderboard goes")
     p = sub.add_parser("serve", help="run the pipeline on a schedule against a Prefect server (PREFECT_API_URL)")
     p.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *"')
     p.add_argument("--interval", type=int, help="run every N seconds")

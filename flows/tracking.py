@@ -22,6 +22,7 @@ from ddpm.config import Config
 
 RUN_FILE = "mlflow.json"
 ENV_FLOW_RUN_ID = "DDPM_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow for its stage subprocesses
+ENV_STUDY_RUN_ID = "DDPM_STUDY_RUN_ID"  # set by `ddpm sweep` for each recipe's stages
 
 
 def quiet_env() -> None:
@@ -90,6 +91,9 @@ def lineage_tags(root: str | Path, data_hash: str | None) -> dict[str, str]:
         tags["ddpm.data_hash"] = data_hash
     if os.environ.get(ENV_FLOW_RUN_ID):
         tags["prefect.flow_run_id"] = os.environ[ENV_FLOW_RUN_ID]
+    if os.environ.get(ENV_STUDY_RUN_ID):  # a recipe of `ddpm sweep`: a child of the study's run
+        tags.update({"mlflow.parentRunId": os.environ[ENV_STUDY_RUN_ID], "ddpm.study_run_id": os.environ[ENV_STUDY_RUN_ID],
+                     "ddpm.study": os.environ.get("DDPM_STUDY", ""), "ddpm.recipe": os.environ.get("DDPM_RECIPE", "")})
     return tags
 
 
@@ -98,7 +102,7 @@ def start_train_run(root: str | Path, cfg: Config, data_hash: str, resume_run_id
     c = client(root)
     run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
     if run_id is None:
-        exp_id = _experiment_id(c, root, cfg.tracking.experiment)
+        exp_id = experiment_id(c, root, cfg.tracking.experiment)
         run_id = _with_retries("create run", lambda: c.create_run(exp_id, tags={"mlflow.source.name": "ddpm train"}).info.run_id)
     else:
         print(f"MLflow: continuing run {run_id}")
@@ -109,7 +113,7 @@ def start_train_run(root: str | Path, cfg: Config, data_hash: str, resume_run_id
     return run_id
 
 
-def _experiment_id(c, root: str | Path, name: str) -> str:
+def experiment_id(c, root: str | Path, name: str) -> str:
     exp = _with_retries("get experiment", lambda: c.get_experiment_by_name(name))
     if exp is not None:
         return exp.experiment_id
