@@ -188,8 +188,9 @@ def _explain_out_of_memory(cfg: Config, shape: tuple[int, ...], precision: str, 
         raise TrainingOutOfMemoryError(
             f"out of device memory at train.batch_size={tc.batch_size} (images {'x'.join(map(str, shape))}, "
             f"{precision}, grad_accum_steps={tc.grad_accum_steps}): {first[:200]}. Lower train.batch_size (and raise "
-            f"train.grad_accum_steps by the same factor to keep the effective batch){bf16} and run again: nothing is "
-            f"lost, training resumes from the checkpoint at step {last_checkpoint()}") from None
+            f"train.grad_accum_steps by the same factor to keep the effective batch){bf16} and run again: "
+            + (f"nothing is lost, training resumes from the checkpoint at step {last_checkpoint()}"
+               if last_checkpoint() else "no checkpoint was written yet")) from None
 
 
 # -- the loop -------------------------------------------------------------------------------------------
@@ -287,8 +288,9 @@ def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule,
                 if not math.isfinite(window_loss):
                     raise FloatingPointError(
                         f"loss became {window_loss} between steps {s.step - s.window_n} and {s.step}; lower "
-                        f"train.lr (now {tc.lr}) or enable train.grad_clip_norm. The last good checkpoint is "
-                        f"step {last_on_disk[0]}")
+                        f"train.lr (now {tc.lr}) or enable train.grad_clip_norm. "
+                        + (f"The last good checkpoint is step {last_on_disk[0]}" if last_on_disk[0]
+                           else "No checkpoint was written"))
                 if log_now:
                     now = time.perf_counter()
                     record = {"step": s.step, "loss": window_loss / s.window_n, "lr": lr,

@@ -64,8 +64,11 @@ def _mapping(where: str, raw: Any) -> dict[str, Any]:
 
 
 def _grid_recipes(where: str, grid: Any) -> list[tuple[str, str, dict]]:
-    if not isinstance(grid, dict) or set(grid) - {"family", "axes"} or "family" not in grid:
-        raise ConfigError(f"{where} must have a family and axes (a mapping of section.key: [values])")
+    """Every combination of ``axes``, on top of the grid's own ``set``, is one recipe of ``family``."""
+    if not isinstance(grid, dict) or set(grid) - {"family", "set", "axes"} or "family" not in grid:
+        raise ConfigError(f"{where} must have a family and axes (a mapping of section.key: [values]), "
+                          f"and may have set")
+    fixed = _mapping(f"{where}.set", grid.get("set"))
     axes = _mapping(f"{where}.axes", grid.get("axes"))
     if not axes or any(not isinstance(v, list) or not v for v in axes.values()):
         raise ConfigError(f"{where}.axes must map each section.key to a non-empty list of values")
@@ -74,7 +77,7 @@ def _grid_recipes(where: str, grid: Any) -> list[tuple[str, str, dict]]:
         combo = dict(zip(axes, values))
         name = "-".join(k.split(".")[-1] + re.sub(r"[^A-Za-z0-9.]+", "_", json.dumps(v)).strip("_")
                         for k, v in combo.items())  # e.g. channel_mults [1, 2] -> channel_mults1_2
-        out.append((f"{grid['family']}-{name}", str(grid["family"]), combo))
+        out.append((f"{grid['family']}-{name}", str(grid["family"]), {**fixed, **combo}))
     return out
 
 
@@ -295,7 +298,9 @@ def plot(rows: list[dict], metric: str, path: Path) -> Path:
     ok = [r for r in rows if r.get("status") == "ok" and col and r.get(col) not in ("", None)]
     for family in sorted({r["family"] for r in ok}):
         pts = sorted((float(r["images_seen"]), float(r[col]), r["recipe"]) for r in ok if r["family"] == family)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+        budgets_only = len({p[0] for p in pts}) == len(pts)  # a line joins one recipe's budgets, nothing else
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if budgets_only else "",
+                label=family)
         for x, y, name in pts:
             ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")

@@ -32,13 +32,15 @@ def test_recipes_expand_and_carry_the_base_overrides(tmp_path):
     study = load_study(sweep_file(tmp_path, {
         "study": "s", "base": {"train.steps": 10},
         "recipes": [{"name": "plain"}, {"name": "v", "family": "objective", "set": {"diffusion.objective": "v"}}],
-        "grids": [{"family": "width", "axes": {"model.base_channels": [16, 48], "model.channel_mults": [[1, 2]]}}]}),
+        "grids": [{"family": "width", "set": {"model.dropout": 0.1},
+                   "axes": {"model.base_channels": [16, 48], "model.channel_mults": [[1, 2]]}}]}),
         PROJECT_ROOT / "params.yaml")
     assert [(r.name, r.family) for r in study.recipes] == [
         ("plain", "plain"), ("v", "objective"), ("width-base_channels16-channel_mults1_2", "width"),
         ("width-base_channels48-channel_mults1_2", "width")]
     assert study.recipes[1].overrides == ("train.steps=10", "diffusion.objective=v")
-    assert study.recipes[3].overrides == ("train.steps=10", "model.base_channels=48", "model.channel_mults=[1, 2]")
+    assert study.recipes[3].overrides == ("train.steps=10", "model.dropout=0.1", "model.base_channels=48",
+                                          "model.channel_mults=[1, 2]")
     assert study.metric == "fd_classifier"  # params.yaml's tracking.primary_metric
 
 

@@ -342,6 +342,9 @@ def test_out_of_memory_names_the_batch_size_and_what_to_change(tmp_path, precisi
         with _explain_out_of_memory(cfg, (8, 1, 8, 8), precision, lambda: 6):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
     assert str(caught.value) == expected
+    with pytest.raises(TrainingOutOfMemoryError, match=r"and run again: no checkpoint was written yet$"):
+        with _explain_out_of_memory(cfg, (8, 1, 8, 8), precision, lambda: 0):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
 
 
 def test_deterministic_mode_trains_the_same_weights_on_cpu_and_restores_torch_settings(prepared, tmp_path, reference):
