@@ -92,8 +92,9 @@ def lineage_tags(root: str | Path, data_hash: str | None) -> dict[str, str]:
     if os.environ.get(ENV_FLOW_RUN_ID):
         tags["prefect.flow_run_id"] = os.environ[ENV_FLOW_RUN_ID]
     if os.environ.get(ENV_STUDY_RUN_ID):  # a recipe of `ddpm sweep`: a child of the study's run
+        study, recipe = os.environ.get("DDPM_STUDY", ""), os.environ.get("DDPM_RECIPE", "")
         tags.update({"mlflow.parentRunId": os.environ[ENV_STUDY_RUN_ID], "ddpm.study_run_id": os.environ[ENV_STUDY_RUN_ID],
-                     "ddpm.study": os.environ.get("DDPM_STUDY", ""), "ddpm.recipe": os.environ.get("DDPM_RECIPE", "")})
+                     "ddpm.study": study, "ddpm.recipe": recipe, "mlflow.runName": f"{study}/{recipe}"})
     return tags
 
 

@@ -142,6 +142,7 @@ def test_the_study_is_one_mlflow_parent_run_with_a_child_per_recipe(study_run):
     assert set(by_recipe) == {"eps", "v", "diverges"}
     assert by_recipe["diverges"].info.status == "FAILED" and by_recipe["v"].info.status == "FINISHED"
     assert by_recipe["v"].data.params["diffusion.objective"] == "v"
+    assert by_recipe["v"].info.run_name == "tiny/v"  # the UI lists children by recipe
     rows = leaderboard(study_run["project"])
     assert rows["v"]["mlflow_run_id"] == by_recipe["v"].info.run_id
     assert {a.path for a in c.list_artifacts(parent.info.run_id)} == {"leaderboard.csv", "leaderboard.png"}
