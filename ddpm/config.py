@@ -121,11 +121,15 @@ class DiffusionConfig:
     schedule: str = "cosine"
     timesteps: int = 1000
     objective: str = "eps"
+    zero_terminal_snr: bool = False  # Lin et al. 2024: rescale so the last step is pure noise (v or x0 only)
 
     def __post_init__(self) -> None:
         _choice("diffusion.schedule", self.schedule, SCHEDULES)
         _choice("diffusion.objective", self.objective, OBJECTIVES)
         _positive("diffusion.timesteps", self.timesteps)
+        if self.zero_terminal_snr and self.objective == "eps":
+            raise ConfigError("diffusion.zero_terminal_snr=true needs diffusion.objective v or x0: at zero SNR an "
+                              "eps prediction says nothing about x_0 (Lin et al. 2024, sec. 3.2)")
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ class LoadedModel:
 
 
 def save_model(path: str | Path, unet: UNet, schedule_name: str, timesteps: int, objective: str,
-               extra: dict[str, Any] | None = None) -> None:
+               extra: dict[str, Any] | None = None, zero_terminal_snr: bool = False) -> None:
     meta = {"format": FORMAT, "unet": unet.config,
-            "diffusion": {"schedule": schedule_name, "timesteps": timesteps, "objective": objective},
+            "diffusion": {"schedule": schedule_name, "timesteps": timesteps, "objective": objective,
+                          "zero_terminal_snr": zero_terminal_snr},
             **(extra or {})}
     checkpoint.save(path, dict(unet.state_dict()), meta)
 
@@ -64,5 +65,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
                    "attention_resolutions": tuple(cfg["attention_resolutions"])})
     load_state_checked(unet, tensors, str(path))
     d = meta["diffusion"]
-    return LoadedModel(unet.to(device).eval(), NoiseSchedule.from_name(d["schedule"], d["timesteps"]),
+    return LoadedModel(unet.to(device).eval(), NoiseSchedule.from_name(d["schedule"], d["timesteps"],
+                                                                    d.get("zero_terminal_snr", False)),
                        d["objective"], meta)

@@ -46,12 +46,25 @@ def sigmoid_betas(T: int, start: float = -3.0, end: float = 3.0, tau: float = 1.
     )
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed", alg. 1.
+
+    Shift sqrt(alpha_bar) so that its last value is 0 and scale it so that its first value is unchanged,
+    so alpha_bar_T = 0 and beta_T = 1: the last training step sees pure noise, as sampling starts from.
+    """
+    sqrt_ab = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    ab = ((sqrt_ab - last) * first / (first - last)) ** 2
+    return 1.0 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
+
+
 class NoiseSchedule:
     """beta, alpha, alpha_bar as float64 CPU tensors of shape (T,)."""
 
     def __init__(self, betas: torch.Tensor):
-        if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("betas must be a 1-d tensor with values in (0, 1)")
+        # beta_T = 1 (alpha_bar_T = 0) is a zero-terminal-SNR schedule; every other beta is in (0, 1)
+        if betas.ndim != 1 or not bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all()) or not 0 < betas[-1] <= 1:
+            raise ValueError("betas must be a 1-d tensor with values in (0, 1), the last in (0, 1]")
         self.betas = betas.to(torch.float64)
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)
@@ -71,16 +84,15 @@ class NoiseSchedule:
         return len(self.betas)
 
     @classmethod
-    def from_name(cls, name: str, timesteps: int) -> "NoiseSchedule":
+    def from_name(cls, name: str, timesteps: int, zero_terminal_snr: bool = False) -> "NoiseSchedule":
+        """``zero_terminal_snr``: rescaled by :func:`rescale_zero_terminal_snr` (for the v or x0 objective)."""
         if timesteps < 2:
             raise ValueError(f"timesteps={timesteps} must be at least 2")
-        if name == "linear":
-            return cls(linear_betas(timesteps))
-        elif name == "cosine":
-            return cls(cosine_betas(timesteps))
-        elif name == "sigmoid":
-            return cls(sigmoid_betas(timesteps))
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+        makers = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
+        if name not in makers:
+            raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+        betas = makers[name](timesteps)
+        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
     def at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Gather ``values[t]`` for a batch of timesteps t (B,), shaped (B, 1, 1, 1) like ``like``."""

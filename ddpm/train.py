@@ -212,7 +212,8 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
     with backend_settings(device, tc.deterministic):
         batches = Batches(images, tc.batch_size, tc.seed, device)
         s = _new_state(cfg, channels, resolution, device, precision)
-        schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps).to(device)
+        schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps,
+                                           cfg.diffusion.zero_terminal_snr).to(device)
         forward = s.model
         if tc.compile:
             example = torch.zeros(tc.batch_size, channels, resolution, resolution, device=device)
@@ -234,7 +235,8 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.safetensors"
     save_model(model_path, s.ema, cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.objective,
-               extra={"data_hash": manifest["content_hash"], "steps": s.step, "fingerprint": ckpt_dir.name})
+               extra={"data_hash": manifest["content_hash"], "steps": s.step, "fingerprint": ckpt_dir.name},
+               zero_terminal_snr=cfg.diffusion.zero_terminal_snr)
     loss_csv = Path(tc.loss_path)
     loss_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(loss_csv, "w", newline="") as f:

@@ -99,7 +99,8 @@ def _grid_logger(cfg: Config, prepared: str, run_id: str):
     from flows import tracking
 
     channels, res, _ = load_manifest(prepared)["shape"]
-    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps)
+    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps,
+                                       cfg.diffusion.zero_terminal_snr)
 
     def log_grid(step: int, path: str) -> None:
         try:

@@ -37,6 +37,7 @@ def test_unknown_section_is_named():
     ("diffusion", "schedule", "quadratic", r"diffusion\.schedule='quadratic'.*linear, cosine, sigmoid"),
     ("train", "steps", 0, r"train\.steps=0 must be > 0"),
     ("prepare", "channels", 2, r"prepare\.channels=2 must be 0 \(auto\), 1 or 3"),
+    ("diffusion", "zero_terminal_snr", True, r"diffusion\.zero_terminal_snr=true needs diffusion\.objective v or x0"),
 ])
 def test_bad_values_are_named(section, key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -148,4 +148,35 @@ def test_linear_schedule_with_tiny_T_says_why():
 
 def test_betas_outside_unit_interval_are_rejected():
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
-        NoiseSchedule(torch.tensor([0.1, 1.0], dtype=torch.float64))
+        NoiseSchedule(torch.tensor([0.1, 1.0, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        NoiseSchedule(torch.tensor([0.1, 1.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        NoiseSchedule(torch.tensor([0.0, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])
+def test_zero_terminal_snr_rescaling(name):
+    """Lin et al. 2024, alg. 1: sqrt(alpha_bar) shifted to end at 0 and scaled to keep its first value."""
+    plain = NoiseSchedule.from_name(name, 1000)
+    zt = NoiseSchedule.from_name(name, 1000, zero_terminal_snr=True)
+    assert float(zt.alpha_bar[-1]) == 0.0 and float(zt.betas[-1]) == 1.0 and float(zt.snr(torch.tensor([999]))) == 0
+    assert float(zt.alpha_bar[0]) == pytest.approx(float(plain.alpha_bar[0]), rel=1e-12)
+    assert bool((zt.alpha_bar[1:] < zt.alpha_bar[:-1]).all())
+    s, s0, sT = plain.alpha_bar.sqrt(), plain.alpha_bar[0].sqrt(), plain.alpha_bar[-1].sqrt()
+    t = torch.tensor([1, 250, 500, 998])
+    assert torch.allclose(zt.alpha_bar[t].sqrt(), (s[t] - sT) * s0 / (s0 - sT), rtol=1e-12)
+
+
+def test_zero_terminal_snr_golden_values():
+    """Linear T=1000 rescaled; the same values as diffusers' rescale_zero_terminal_snr (checked once, 2e-16)."""
+    ab = NoiseSchedule.from_name("linear", 1000, zero_terminal_snr=True).alpha_bar
+    assert float(ab[499]) == pytest.approx(0.07602875054711475, rel=1e-9)
+    assert float(ab[998]) == pytest.approx(4.2132624650880725e-09, rel=1e-6)
+
+
+def test_only_the_last_beta_may_be_one():
+    betas = torch.full((10,), 0.1, dtype=torch.float64)
+    betas[3] = 1.0
+    with pytest.raises(ValueError, match="the last in"):
+        NoiseSchedule(betas)

@@ -165,3 +165,10 @@ def test_load_model_rejects_a_non_model_file(tmp_path):
     checkpoint.save(tmp_path / "x.safetensors", {"a": torch.zeros(1)}, {"step": 1})
     with pytest.raises(CheckpointError, match=r"is not a ddpm-unet/1 model file \(format None\)"):
         load_model(tmp_path / "x.safetensors")
+
+
+def test_a_zero_terminal_snr_model_loads_with_its_schedule(tmp_path):
+    save_model(tmp_path / "m.safetensors", _tiny(), "linear", 100, "v", zero_terminal_snr=True)
+    save_model(tmp_path / "plain.safetensors", _tiny(), "linear", 100, "v")
+    assert float(load_model(tmp_path / "m.safetensors").schedule.alpha_bar[-1]) == 0.0
+    assert float(load_model(tmp_path / "plain.safetensors").schedule.alpha_bar[-1]) > 0.0

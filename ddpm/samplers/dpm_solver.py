@@ -13,6 +13,8 @@ import torch
 from ddpm.samplers.common import Denoiser, initial_noise, predict, progress_iter, timesteps
 from ddpm.schedule import NoiseSchedule
 
+_MIN_ALPHA_BAR = 2.0**-24
+
 
 @torch.no_grad()
 def dpm_solver_pp_2m_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...],
@@ -24,7 +26,8 @@ def dpm_solver_pp_2m_sample(model: Denoiser, schedule: NoiseSchedule, shape: tup
     x = initial_noise(shape, generator, device)
 
     def coeffs(t: int) -> tuple[float, float, float]:
-        ab = float(schedule.alpha_bar[t])
+        # a zero-terminal-SNR schedule has alpha_bar_T = 0, lambda = -inf: floor it as diffusers does
+        ab = max(float(schedule.alpha_bar[t]), _MIN_ALPHA_BAR)
         alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
         return alpha, sigma, math.log(alpha / sigma)
 
