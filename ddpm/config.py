@@ -120,7 +120,7 @@ class DiffusionConfig:
 
     schedule: str = "cosine"
     timesteps: int = 1000
-    objective: str = "eps"
+    objective: str = "v"
     zero_terminal_snr: bool = False  # Lin et al. 2024: rescale so the last step is pure noise (v or x0 only)
 
     def __post_init__(self) -> None:
@@ -144,7 +144,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     ema_halflife_steps: float = 100.0
     ema_rampup_ratio: float = 0.1  # half-life is min(halflife, ratio * step); 0: no ramp-up
-    min_snr_gamma: float = 0.0  # 0: plain MSE (Hang et al. 2023 use 5)
+    min_snr_gamma: float = 5.0  # Hang et al. 2023; 0: plain MSE
     hflip: bool = False
     mixed_precision: str = "auto"
     compile: bool = False  # torch.compile the UNet (falls back to eager, with a warning, if compiling fails)
@@ -178,7 +178,7 @@ class SampleConfig:
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
     timestep_spacing: str = "trailing"
     clip_x0: bool = True  # clamp predicted x_0 to [-1, 1] at every step
-    num_samples: int = 0  # 0: auto, 128 on a CPU, 10000 on a GPU (ddpm/sample_counts.py)
+    num_samples: int = 0  # 0: auto, 1000 on a CPU, 10000 on a GPU (ddpm/sample_counts.py)
     batch_size: int = 128
     seed: int = 0
     model: str = "models/model.safetensors"  # a checkpoint path, or models:/<name>@<alias> | models:/<name>/<version>

@@ -25,7 +25,7 @@ from ddpm.sample_counts import resolve_count
 def generate(loaded: LoadedModel, cfg: SampleConfig, num_samples: int | None = None,
              steps: int | None = None, sampler: str | None = None, progress: bool = True) -> np.ndarray:
     """uint8 (N, C, H, W) samples, in batches; batch i uses seed ``cfg.seed + i``.
-    N: ``num_samples``, else ``cfg.num_samples``, where 0 means 128 on a CPU and 10000 on a GPU."""
+    N: ``num_samples``, else ``cfg.num_samples``, where 0 means 1000 on a CPU and 10000 on a GPU."""
     device = resolve_device(cfg.device)
     unet = loaded.unet.to(device).eval()
     c, res = unet.config["channels"], unet.config["resolution"]

@@ -3,8 +3,9 @@
 Frechet distances are biased by the sample count N, so a number is only
 comparable with others at the same N, and every metric name carries its N.
 Published FIDs use thousands of images; on a CPU InceptionV3 costs about
-0.1-0.3 s an image, so a CPU run uses a few hundred (and says so in the
-metric names), a GPU run the large counts.
+0.1-0.3 s an image, so a CPU run scores Inception on a few hundred (and says
+so in the metric names) and the cheap classifier FD on 1,000; a GPU run uses
+the large counts for both.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ import torch
 
 # kind -> (CPU count, GPU count)
 AUTO_COUNTS = {
-    "samples": (128, 10_000),  # sample.num_samples: the images the evaluate stage scores
-    "reference": (128, 10_000),  # evaluate.reference_num_images: held-out (and real training) images for Inception
+    # sample.num_samples: the images the evaluate stage scores. On a CPU 1,000: at N = 128 real images score
+    # a classifier FD of 3.8, at N = 1,000 0.2-0.6, and two seeds of one recipe differ by ~0.3 (recipe study)
+    "samples": (1_000, 10_000),
+    # evaluate.reference_num_images: held-out (and real training) images for Inception, and the most samples
+    # Inception scores
+    "reference": (128, 10_000),
     "compare": (64, 2_000),  # evaluate.compare_num_samples: per sampler and step count
 }
 

@@ -37,7 +37,6 @@ def test_unknown_section_is_named():
     ("diffusion", "schedule", "quadratic", r"diffusion\.schedule='quadratic'.*linear, cosine, sigmoid"),
     ("train", "steps", 0, r"train\.steps=0 must be > 0"),
     ("prepare", "channels", 2, r"prepare\.channels=2 must be 0 \(auto\), 1 or 3"),
-    ("diffusion", "zero_terminal_snr", True, r"diffusion\.zero_terminal_snr=true needs diffusion\.objective v or x0"),
 ])
 def test_bad_values_are_named(section, key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -86,3 +85,9 @@ def test_flat_names_every_parameter_once():
     flat = Config().flat()
     assert flat["train.lr"] == 1e-3 and flat["model.channel_mults"] == [1, 2, 2]
     assert len(flat) == sum(len(v) for v in Config().to_dict().values())
+
+
+def test_zero_terminal_snr_with_the_eps_objective_is_refused():
+    with pytest.raises(ConfigError, match=r"diffusion\.zero_terminal_snr=true needs diffusion\.objective v or x0"):
+        config.from_dict({"diffusion": {"objective": "eps", "zero_terminal_snr": True}})
+    assert config.from_dict({"diffusion": {"objective": "x0", "zero_terminal_snr": True}}).diffusion.zero_terminal_snr

@@ -140,7 +140,7 @@ def test_unlabelled_data_has_no_classifier_metrics(stage, tmp_path):
 
 def test_auto_counts_are_small_on_a_cpu_and_large_on_a_gpu():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert resolve_count(0, "samples", cpu) == 128 and resolve_count(0, "samples", gpu) == 10_000
+    assert resolve_count(0, "samples", cpu) == 1_000 and resolve_count(0, "samples", gpu) == 10_000
     assert resolve_count(0, "reference", cpu) < resolve_count(0, "reference", gpu)
     assert resolve_count(500, "samples", gpu) == 500
     with pytest.raises(ValueError, match="unknown count kind 'sampels'"):
@@ -161,3 +161,13 @@ def test_comparison_metric_follows_the_device():
     assert comparison_metric(cfg, with_classifier, torch.device("cuda")) == "fid_inception"
     assert comparison_metric(replace(cfg, compare_metric="fid_inception"), with_classifier,
                              torch.device("cpu")) == "fid_inception"
+
+
+def test_inception_scores_at_most_as_many_samples_as_the_reference_holds(stage, tmp_path):
+    """N = 2x the reference: the classifier FD uses all 16 samples, Inception the first 8, each named so."""
+    samples = np.load(stage["base"] / "samples.npz")["images"]
+    np.savez_compressed(tmp_path / "samples.npz", images=np.concatenate([samples, samples[::-1]]))
+    cfg = replace(stage["cfg"], compare_samplers=(), metrics_path=str(tmp_path / "metrics.json"))
+    m = evaluate(stage["prepared"], tmp_path / "samples.npz", cfg)
+    assert f"fd_classifier_n{2 * N}" in m and f"fid_inception_n{N}" in m and f"fid_inception_n{2 * N}" not in m
+    assert m[f"fid_inception_n{N}"] == stage["metrics"][f"fid_inception_n{N}"]  # the same first 8 samples

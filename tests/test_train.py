@@ -241,7 +241,8 @@ def test_outputs_loss_curve_and_events(prepared, tmp_path):
     assert_same_tensors(final, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     assert any(not torch.equal(final[k], tensors[f"model.{k}"]) for k in final)
     assert final_meta["steps"] == 7 and final_meta["fingerprint"] == result.checkpoint_dir.name
-    assert final_meta["diffusion"] == {"schedule": "cosine", "timesteps": 20, "objective": "eps"}
+    assert final_meta["diffusion"] == {"schedule": "cosine", "timesteps": 20, "objective": "v",
+                                       "zero_terminal_snr": False}
 
 
 def test_learning_rate_warmup_then_cosine():

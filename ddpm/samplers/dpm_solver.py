@@ -26,8 +26,8 @@ def dpm_solver_pp_2m_sample(model: Denoiser, schedule: NoiseSchedule, shape: tup
     x = initial_noise(shape, generator, device)
 
     def coeffs(t: int) -> tuple[float, float, float]:
-        # a zero-terminal-SNR schedule has alpha_bar_T = 0, lambda = -inf: floor it as diffusers does
-        ab = max(float(schedule.alpha_bar[t]), _MIN_ALPHA_BAR)
+        # a zero-terminal-SNR schedule has alpha_bar_T = 0, lambda = -inf: take 2^-24 there, as diffusers does
+        ab = float(schedule.alpha_bar[t]) or _MIN_ALPHA_BAR
         alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
         return alpha, sigma, math.log(alpha / sigma)
 
