@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.sweep import load_study  # noqa: E402  (only yaml and ddpm.config: no MLflow, no DVC)
+from flows.sweep import _override, load_study  # noqa: E402  (only yaml and ddpm.config: no MLflow, no DVC)
 
 
 def _paths(workdir: Path, recipe: str, source: str) -> list[str]:
@@ -84,19 +84,25 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("study")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("--source", required=True, help="the raw data folder (prepare.source_path)")
+    ap.add_argument("--source", help="the raw data folder (prepare.source_path); needed to run recipes")
     ap.add_argument("--workdir", default="/tmp/recipe_study")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--deadline", type=float, default=0, help="seconds; start no recipe after this (0: none)")
     ap.add_argument("--out", default="recipe_study.csv")
     ap.add_argument("--only", default="", help="comma-separated recipe names: run just these")
     ap.add_argument("--grids", default="", help="a .tar.gz to collect every recipe's sample grid into")
+    ap.add_argument("--report", nargs="*", help="merge these result CSVs (later ones win), print a markdown "
+                    "table and write --out (CSV) and the plot beside it; runs nothing")
     ap.add_argument("--one", nargs="*", help=argparse.SUPPRESS)  # internal: run one recipe's overrides
     args = ap.parse_args()
     if args.one is not None:
         run_one(args.params, args.one, Path(args.workdir))
         return 0
 
+    if args.report:
+        return report(args.study, args.params, [Path(p) for p in args.report], Path(args.out))
+    if not args.source:
+        ap.error("--source (the raw data folder) is needed to run recipes")
     t0 = time.perf_counter()
     study = load_study(args.study, args.params)
     if args.only:
@@ -150,6 +156,40 @@ def main() -> int:
     print(f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} recipes in {time.perf_counter() - t0:.0f} s "
           f"-> {args.out}")
     return 0
+
+
+def report(study_file: str, params: str, csvs: list[Path], out: Path) -> int:
+    """One leaderboard from several runs of the study (a recipe's last finished row wins)."""
+    from flows.sweep import metric_column, plot
+
+    study = load_study(study_file, params)
+    merged: dict[str, dict] = {}
+    for path in csvs:
+        for row in csv.DictReader(open(path)):
+            if row["status"] != "skipped" or row["recipe"] not in merged:
+                merged[row["recipe"]] = row
+    rows = [merged[r.name] for r in study.recipes if r.name in merged]
+    col = metric_column(rows, study.metric)
+    real = next((k for k in rows[0] if k.startswith(f"{study.metric}_real_n")), "")
+    rows.sort(key=lambda r: float(r[col]) if r.get(col) else float("inf"))
+    _write(rows, out)
+    plot(rows, study.metric, out.with_suffix(".png"))
+    base = {_override(k, v) for k, v in load_study_base(study_file).items()}
+    print(f"| recipe | overrides (on params.yaml before this study) | images seen | {col} | train s |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        over = " ".join(o for o in r["overrides"].split(" ") if o not in base)
+        value = f"{float(r[col]):.2f}" if r.get(col) else r["status"]
+        print(f"| {r['recipe']} | `{over}` | {r.get('images_seen', '')} | {value} | {r.get('train_seconds', '')} |")
+    print(f"\nReal data at the same N ({real}): {rows[0].get(real, '')}. {len(rows)} recipes -> {out}, "
+          f"{out.with_suffix('.png')}")
+    return 0
+
+
+def load_study_base(study_file: str) -> dict:
+    import yaml
+
+    return (yaml.safe_load(Path(study_file).read_text()) or {}).get("base") or {}
 
 
 def _collect_grids(rows: list[dict], workdir: Path, path: Path) -> None:
