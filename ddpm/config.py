@@ -183,10 +183,12 @@ class SampleConfig:
     seed: int = 0
     model: str = "models/model.safetensors"  # a checkpoint path, or models:/<name>@<alias> | models:/<name>/<version>
     device: str = "auto"
+    mixed_precision: str = "auto"  # the network in bf16 where train's auto would use it; the sampler's updates stay fp32
     out_dir: str = "samples"
 
     def __post_init__(self) -> None:
         _choice("sample.sampler", self.sampler, SAMPLERS)
+        _choice("sample.mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("sample.timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _choice("sample.device", self.device, DEVICES)
         for name in ("steps", "batch_size"):

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ddpm.config import SampleConfig
-from ddpm.device import resolve_device
+from ddpm.device import autocast_dtype, resolve_device
 from ddpm.export import LoadedModel
 from ddpm.images import grid, save_png, to_uint8
 from ddpm.samplers import sample as run_sampler
@@ -27,6 +27,7 @@ def generate(loaded: LoadedModel, cfg: SampleConfig, num_samples: int | None = N
     """uint8 (N, C, H, W) samples, in batches; batch i uses seed ``cfg.seed + i``.
     N: ``num_samples``, else ``cfg.num_samples``, where 0 means 1000 on a CPU and 10000 on a GPU."""
     device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg.mixed_precision, device)
     unet = loaded.unet.to(device).eval()
     c, res = unet.config["channels"], unet.config["resolution"]
     n = num_samples or resolve_count(cfg.num_samples, "samples", device)  # 0: auto, from the device
@@ -36,9 +37,10 @@ def generate(loaded: LoadedModel, cfg: SampleConfig, num_samples: int | None = N
                                    disable=not progress)):
         b = min(cfg.batch_size, n - start)
         g = torch.Generator().manual_seed(cfg.seed + i)
-        x = run_sampler(sampler or cfg.sampler, unet, loaded.schedule, (b, c, res, res), g,
-                        steps=steps or cfg.steps, objective=loaded.objective, eta=cfg.eta,
-                        timestep_spacing=cfg.timestep_spacing, clip_x0=cfg.clip_x0, device=device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            x = run_sampler(sampler or cfg.sampler, unet, loaded.schedule, (b, c, res, res), g,
+                            steps=steps or cfg.steps, objective=loaded.objective, eta=cfg.eta,
+                            timestep_spacing=cfg.timestep_spacing, clip_x0=cfg.clip_x0, device=device)
         out.append(to_uint8(x))
     return np.concatenate(out)
 

@@ -171,3 +171,22 @@ def test_inception_scores_at_most_as_many_samples_as_the_reference_holds(stage, 
     m = evaluate(stage["prepared"], tmp_path / "samples.npz", cfg)
     assert f"fd_classifier_n{2 * N}" in m and f"fid_inception_n{N}" in m and f"fid_inception_n{2 * N}" not in m
     assert m[f"fid_inception_n{N}"] == stage["metrics"][f"fid_inception_n{N}"]  # the same first 8 samples
+
+
+def test_bf16_sampling_is_used_and_stays_close_to_fp32(tmp_path):
+    """sample.mixed_precision: bf16 runs the network under autocast (the samples differ), the sampler's
+    updates stay fp32 (they differ little). A v model: its untrained samples are not saturated."""
+    torch.manual_seed(0)
+    unet = UNet(1, 16, base_channels=8, channel_mults=(1, 2), blocks_per_level=1, attention_resolutions=(8,),
+                attention_heads=2)
+    with torch.no_grad():  # the output layer starts at zero: give the network an output
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(tmp_path / "v.safetensors", unet, "cosine", 50, "v")
+    cfg = SampleConfig(steps=4, batch_size=8, num_samples=8, device="cpu")
+    loaded = load_model(tmp_path / "v.safetensors")
+    fp32 = generate(loaded, replace(cfg, mixed_precision="fp32"), progress=False).astype(float)
+    bf16 = generate(loaded, replace(cfg, mixed_precision="bf16"), progress=False).astype(float)
+    assert 0.2 < (fp32 % 255 != 0).mean()  # not saturated, so a difference would show
+    assert fp32.shape == bf16.shape and not np.array_equal(fp32, bf16)
+    assert np.abs(fp32 - bf16).mean() < 4.0, np.abs(fp32 - bf16).mean()  # of 255

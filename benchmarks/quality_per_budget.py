@@ -1,0 +1,200 @@
+"""Quality per unit of compute: the HF course's recipe and ours, the same wall-clock training budget
+on the same machine, then Inception FID on N samples against the Fashion-MNIST test split.
+
+The course recipe (Diffusion Models Course, unit 1, at 32x32): diffusers ``UNet2DModel`` with the
+notebook's config (block_out_channels 64, 128, 128, 256; 2 layers per block; attention at the two
+lowest resolutions), DDPMScheduler squaredcos_cap_v2, AdamW 4e-4 constant, batch 128, no EMA, fp32 as
+the notebook trains, images padded from 28 to 32 px; sampled with 100 DDIM steps.
+Ours: params.yaml as it is (28x28, its own sampler), trained to a step count set from a short
+throughput probe so that it ends near the budget. Its samples are padded to 32 px like the test split.
+
+Both are scored with the pytorch-fid Inception weights on N samples against N test images (padded
+to 32), beside the real-data floor: N training images against the same test images.
+
+    python benchmarks/quality_per_budget.py --budget 600 --n 2000            # the 2-core CPU
+    # a GPU machine without the Inception weights: train and sample there, score here
+    python benchmarks/quality_per_budget.py --budget 240 --n 2000 --phase sample --out $OUT
+    python benchmarks/quality_per_budget.py --budget 240 --n 2000 --phase score --out <those files> --where "H100"
+
+Cost outside the budget: sampling (the course model: N x 100 forward passes of an 18.5 M-parameter
+UNet, ~1 h for N = 2,000 on the 2-core CPU) and 3N Inception passes (0.1-0.3 s an image there).
+Benchmark only: diffusers is the ``bench`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.course_loop import CourseLoop  # noqa: E402
+from ddpm import config  # noqa: E402
+from ddpm.device import resolve_device  # noqa: E402
+from ddpm.export import load_model  # noqa: E402
+from ddpm.images import grid, save_png  # noqa: E402
+from ddpm.inception import inception_features  # noqa: E402
+from ddpm.metrics import frechet_distance_features  # noqa: E402
+from ddpm.prepare import load_split, prepare  # noqa: E402
+from ddpm.reference import draw  # noqa: E402
+from ddpm.sample import generate  # noqa: E402
+from ddpm.train import train  # noqa: E402
+
+
+def pad32(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 1, 28, 28) -> (N, 1, 32, 32) with black borders, as the course pads Fashion-MNIST."""
+    pad = (32 - images.shape[-1]) // 2
+    return np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+
+
+def course_model():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=32, in_channels=1, out_channels=1, layers_per_block=2,
+                       block_out_channels=(64, 128, 128, 256),
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+
+
+def train_course(images: np.ndarray, budget: float, device: torch.device) -> tuple[CourseLoop, dict]:
+    loop = CourseLoop(course_model(), pad32(images), 128, device)
+    t0, steps, last = time.perf_counter(), 0, 0.0
+    while time.perf_counter() - t0 < budget:
+        losses = loop.run(1)
+        steps += 1
+        if time.perf_counter() - last > 30:
+            last = time.perf_counter()
+            print(f"course: step {steps}, loss {losses[-1]:.4f}, {time.perf_counter() - t0:.0f}/{budget:.0f} s",
+                  flush=True)
+    seconds = time.perf_counter() - t0
+    return loop, {"steps": steps, "images_seen": steps * 128, "train_seconds": seconds}
+
+
+@torch.no_grad()
+def sample_course(loop: CourseLoop, n: int, device: torch.device, batch: int = 250) -> np.ndarray:
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(loop.scheduler.config)
+    scheduler.set_timesteps(100)
+    unet, out = loop.unet.eval(), []
+    for i in range(0, n, batch):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn((min(batch, n - i), 1, 32, 32), generator=g).to(device)
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy())
+        print(f"course: sampled {i + len(out[-1])}/{n}", flush=True)
+    return np.concatenate(out)
+
+
+def train_ours(params: str, prepared: Path, workdir: Path, budget: float, device: str) -> tuple[object, dict]:
+    base = config.load(params, [f"train.device={device}", f"sample.device={device}"])
+
+    def run(steps: int, out: str):
+        tc = dataclasses.replace(base.train, steps=steps, out_dir=str(workdir / out),
+                                 checkpoint_dir=str(workdir / out / "ckpt"), loss_path=str(workdir / out / "loss.csv"),
+                                 lr_warmup_steps=min(base.train.lr_warmup_steps, steps // 10),
+                                 checkpoint_every_steps=max(steps, 1))
+        return dataclasses.replace(base, train=tc), train(dataclasses.replace(base, train=tc), prepared, fresh=True)
+
+    _, probe = run(75, "probe")  # throughput after warm-up: the mean rate of the logged windows past the first
+    rates = [h["images_per_s"] for h in probe.history[1:]] or [probe.images_per_s]
+    steps = max(1, int(budget * float(np.median(rates)) / base.train.batch_size))
+    cfg, result = run(steps, "ours")
+    return (cfg, result), {"steps": result.steps, "images_seen": result.steps * cfg.train.batch_size,
+                           "train_seconds": result.seconds}
+
+
+def run_recipes(args, device: torch.device, prepared: Path, workdir: Path, out: Path) -> None:
+    """Train both recipes for the budget and sample N from each: <out>/samples_<recipe>.npz + stats json."""
+    (cfg, result), ours = train_ours(args.params, prepared, workdir, args.budget, str(device))
+    images = pad32(generate(load_model(result.model_path), dataclasses.replace(cfg.sample, device=str(device)),
+                            num_samples=args.n))
+    _save(out, "ours", images, {**ours, "recipe": "ours (params.yaml)", "sampler": f"{cfg.sample.sampler} {cfg.sample.steps}",
+                                "model": f"{result.num_parameters / 1e6:.1f} M params, {cfg.diffusion.objective}, "
+                                         f"min-SNR {cfg.train.min_snr_gamma:g}, batch {cfg.train.batch_size}, "
+                                         f"{result.device}"})
+    loop, course = train_course(load_split(prepared, "train").images, args.budget, device)
+    params = sum(p.numel() for p in loop.unet.parameters())
+    _save(out, "course", sample_course(loop, args.n, device),
+          {**course, "recipe": "HF course unit 1", "sampler": "DDIM 100",
+           "model": f"{params / 1e6:.1f} M params, eps, batch 128, fp32, no EMA"})
+
+
+def _save(out: Path, name: str, images: np.ndarray, stats: dict) -> None:
+    np.savez_compressed(out / f"samples_{name}.npz", images=images)
+    (out / f"stats_{name}.json").write_text(json.dumps(stats))
+    save_png(out / f"samples_{name}.png", grid(images[:64], nrow=8), scale=2)
+
+
+def score(args, device: torch.device, prepared: Path, out: Path, where: str) -> str:
+    """Inception FID of each recipe's samples against N padded test images, and the real-data floor."""
+    train_images, test_images = load_split(prepared, "train").images, load_split(prepared, "test").images
+    f_test = inception_features(pad32(test_images[draw(args.n, len(test_images), 0)]), device, desc="inception test")
+    real = pad32(train_images[draw(args.n, len(train_images), 1)])
+    floor = frechet_distance_features(f_test, inception_features(real, device, desc="inception train"))
+    lines = [f"# Quality per training budget: {args.budget:.0f} s each, Inception FID at N = {args.n}", "",
+             f"- command: `python {' '.join(sys.argv)}`",
+             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+             f"- trained and sampled on: {where}; Inception on {device}, torch {torch.__version__}", "",
+             f"| recipe | model | sampler | train s | steps | images seen | fid_inception_n{args.n} |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    fids = {}
+    for name in ("ours", "course"):
+        stats = json.loads((out / f"stats_{name}.json").read_text())
+        images = np.load(out / f"samples_{name}.npz")["images"][:args.n]
+        if len(images) < args.n:
+            raise SystemExit(f"{out}/samples_{name}.npz holds {len(images)} samples, fewer than --n {args.n}")
+        fids[name] = frechet_distance_features(f_test, inception_features(images, device, desc=f"inception {name}"))
+        lines.append(f"| {stats['recipe']} | {stats['model']} | {stats['sampler']} | {stats['train_seconds']:.0f} | "
+                     f"{stats['steps']} | {stats['images_seen']} | {fids[name]:.2f} |")
+    lines += [f"| real training images (the floor) | | | | | | {floor:.2f} |", "",
+              f"Ours / course = {fids['ours'] / fids['course']:.2f} (goal: <= 0.5)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", type=float, default=600, help="training seconds for each recipe")
+    ap.add_argument("--n", type=int, default=2000, help="samples (and test images) for the FID")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--workdir", default="")
+    ap.add_argument("--out", default="", help="a folder for the samples, grids and the table")
+    ap.add_argument("--phase", choices=("all", "sample", "score"), default="all",
+                    help="sample: train and sample only (e.g. on a GPU machine without the Inception weights); "
+                         "score: the FID table from a sample phase's --out")
+    ap.add_argument("--where", default="", help="with --phase score: the machine that trained and sampled")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="qpb-"))
+    out = Path(args.out) if args.out else workdir
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = workdir / "prepared"
+    prepare(config.load(args.params, [f"prepare.source_path={args.source}",
+                                      f"prepare.out_dir={prepared}"]).prepare)
+    if args.phase in ("all", "sample"):
+        run_recipes(args, device, prepared, workdir, out)
+    if args.phase in ("all", "score"):
+        where = args.where or (torch.cuda.get_device_name() if device.type == "cuda"
+                               else f"this CPU, {torch.get_num_threads()} threads")
+        text = score(args, device, prepared, out, where)
+        (out / "quality_per_budget.md").write_text(text)
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
