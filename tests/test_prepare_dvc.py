@@ -29,9 +29,15 @@ def folder_project(base: Path) -> tuple[Path, Path, dict]:
     params["prepare"].update(source="imagefolder", source_path=str(photos), resolution=8, num_proc=1)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "commit", "-qam", "prepare an image folder"], project)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "HF_DATASETS_CACHE": str(base / "hf-cache")}
-    return project, photos, env
+    return project, photos, fresh_shell(project, base)
+
+
+def fresh_shell(project: Path, base: Path) -> dict:
+    """The README's setting: the project's .venv (here a link to the one running the tests), and a PATH
+    without it, as in a shell that never activated it. DVC's stage commands must still find ddpm."""
+    (project / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    return {"HOME": os.environ.get("HOME", str(base)), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
+            "HF_DATASETS_CACHE": str(base / "hf-cache"), "DVC_NO_ANALYTICS": "1"}
 
 
 def manifest(project: Path) -> dict:
@@ -86,8 +92,7 @@ def test_hub_source_is_tracked_through_params(tmp_path):
     params["prepare"].update(source="hub", hub_id=str(repo), revision="v1", source_path="ddpm/sources.py",
                              resolution=4, num_proc=1)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
+    env = fresh_shell(project, tmp_path)
     run(DVC + ["repro", "prepare"], project, env=env)
     assert manifest(project)["source"] == {
         "kind": "hub", "hub_id": str(repo), "revision": "v1", "resolved_revision": None, "split": "train",
@@ -97,3 +102,11 @@ def test_hub_source_is_tracked_through_params(tmp_path):
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     status = run(DVC + ["status", "prepare"], project, env=env).stdout
     assert "params.yaml" in status and "modified:" in status  # the whole prepare section is one DVC param
+
+
+def test_stage_commands_say_how_to_install_ddpm_when_it_is_nowhere(tmp_path):
+    project, _, env = folder_project(tmp_path)
+    (project / ".venv").unlink()
+    out = run(DVC + ["repro", "prepare"], project, check=False, env=env)
+    assert out.returncode != 0
+    assert "the ddpm command is not installed: run 'make setup'" in out.stdout + out.stderr
