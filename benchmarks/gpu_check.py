@@ -92,7 +92,7 @@ def main() -> None:
         train(config.from_dict({"train": {"steps": 2, "batch_size": 4096, "device": "cuda",
                                           "checkpoint_dir": str(root / "oom" / "ck"),
                                           "out_dir": str(root / "oom" / "m"), "loss_path": str(root / "oom.csv")},
-                                "model": {"base_channels": 256, "attention_resolutions": [64, 32, 16]}}), big)
+                                "model": {"base_channels": 256, "attention_levels": [0, 1, 2]}}), big)
         print("| out of memory | batch 4096 at 64x64 with attention at 64 fitted: no error to show |")
     except TrainingOutOfMemoryError as exc:
         print(f"| out of memory | {str(exc)[:300]} |")

@@ -100,7 +100,9 @@ class ModelConfig:
     base_channels: int = 32
     channel_mults: tuple[int, ...] = (1, 2, 2)
     blocks_per_level: int = 1
-    attention_resolutions: tuple[int, ...] = (7,)
+    # UNet levels with self-attention: 0 = full resolution, 1 = half, ..., -1 = the lowest. Levels, not
+    # pixel sizes, so the same config fits 28, 32 or 64 px images.
+    attention_levels: tuple[int, ...] = (-1,)
     attention_heads: int = 4
     dropout: float = 0.0
 
@@ -112,6 +114,16 @@ class ModelConfig:
             raise ConfigError(f"model.channel_mults={list(self.channel_mults)!r} must be a non-empty list of positive ints")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1)")
+        n = len(self.channel_mults)
+        bad = [lv for lv in self.attention_levels if not -n <= lv < n]
+        if bad:
+            raise ConfigError(f"model.attention_levels={list(self.attention_levels)} has {bad}: with "
+                              f"{n} channel_mults the levels are 0..{n - 1} (or -{n}..-1 from the lowest)")
+
+    def attention_resolutions(self, resolution: int) -> tuple[int, ...]:
+        """The pixel sizes of the attention levels for images of ``resolution``."""
+        n = len(self.channel_mults)
+        return tuple(sorted({resolution // 2 ** (lv % n) for lv in self.attention_levels}, reverse=True))
 
 
 @dataclass(frozen=True)
@@ -317,6 +329,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported config annotation {hint!r} for {key}")
 
 
+# keys of older params.yaml files, and what replaced them
+RENAMED = {"model.attention_resolutions": "model.attention_levels: UNet levels, not pixel sizes (0 = full "
+                                          "resolution, -1 = the lowest), e.g. [-1] for the old [7] at 28 px"}
+
+
 def _build_section(section: str, cls: type, raw: Any) -> Any:
     if raw is None:
         raw = {}
@@ -326,6 +343,8 @@ def _build_section(section: str, cls: type, raw: Any) -> Any:
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if f"{section}.{key}" in RENAMED:
+            raise ConfigError(f"{section}.{key} is now {RENAMED[f'{section}.{key}']}")
         if key not in known:
             raise ConfigError(f"unknown key {section}.{key}{_suggest(str(key), known)}")
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])

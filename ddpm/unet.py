@@ -163,6 +163,6 @@ def build_unet(model_cfg, channels: int, resolution: int) -> UNet:
     return UNet(
         channels=channels, resolution=resolution, base_channels=model_cfg.base_channels,
         channel_mults=tuple(model_cfg.channel_mults), blocks_per_level=model_cfg.blocks_per_level,
-        attention_resolutions=tuple(model_cfg.attention_resolutions),
+        attention_resolutions=model_cfg.attention_resolutions(resolution),
         attention_heads=model_cfg.attention_heads, dropout=model_cfg.dropout,
     )

@@ -91,3 +91,19 @@ def test_zero_terminal_snr_with_the_eps_objective_is_refused():
     with pytest.raises(ConfigError, match=r"diffusion\.zero_terminal_snr=true needs diffusion\.objective v or x0"):
         config.from_dict({"diffusion": {"objective": "eps", "zero_terminal_snr": True}})
     assert config.from_dict({"diffusion": {"objective": "x0", "zero_terminal_snr": True}}).diffusion.zero_terminal_snr
+
+
+@pytest.mark.parametrize("resolution,expected", [(28, (7,)), (32, (8,)), (64, (16,))])
+def test_attention_levels_fit_any_resolution(resolution, expected):
+    """The default attention sits at the lowest level whatever the image size (it was [7], 28 px only)."""
+    assert Config().model.attention_resolutions(resolution) == expected
+    model = config.from_dict({"model": {"channel_mults": [1, 2, 2, 2], "attention_levels": [0, -1, 3]}}).model
+    assert model.attention_resolutions(resolution) == (resolution, resolution // 8)
+
+
+def test_attention_level_outside_the_unet_and_the_old_key_are_named():
+    with pytest.raises(ConfigError, match=r"model\.attention_levels=\[3\] has \[3\]: with 3 channel_mults "
+                                          r"the levels are 0\.\.2"):
+        config.from_dict({"model": {"attention_levels": [3]}})
+    with pytest.raises(ConfigError, match=r"model\.attention_resolutions is now model\.attention_levels"):
+        config.from_dict({"model": {"attention_resolutions": [7]}})

@@ -23,7 +23,7 @@ DVC = [sys.executable, "-m", "dvc"]
 def tiny_overrides(source: Path) -> list[str]:
     return [
         f"prepare.source_path={source}", "prepare.resolution=16",
-        "model.base_channels=8", "model.channel_mults=[1, 2]", "model.attention_resolutions=[8]",
+        "model.base_channels=8", "model.channel_mults=[1, 2]", "model.attention_levels=[-1]",
         "model.attention_heads=2", "diffusion.timesteps=50",
         "train.steps=6", "train.batch_size=8", "train.log_every_steps=2", "train.checkpoint_every_steps=3",
         "train.lr_warmup_steps=2",

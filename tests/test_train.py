@@ -65,7 +65,7 @@ def tiny_cfg(run_dir: Path, model=None, diffusion=None, train=None) -> config.Co
              checkpoint_dir=str(run_dir / "checkpoints"), out_dir=str(run_dir / "models"),
              loss_path=str(run_dir / "metrics" / "train_loss.csv"))
     return config.from_dict({
-        "model": {"base_channels": 8, "channel_mults": [1, 2], "attention_resolutions": [4], "attention_heads": 2,
+        "model": {"base_channels": 8, "channel_mults": [1, 2], "attention_levels": [-1], "attention_heads": 2,
                   **(model or {})},
         "diffusion": {"schedule": "cosine", "timesteps": 20, **(diffusion or {})},
         "train": {**t, **(train or {})},
