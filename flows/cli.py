@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ddpm import config as config_mod
 from ddpm.config import Config, ConfigError
+from flows.stage_failure import StageFailed
 from flows.serve import ServerUnavailable
 
 EXIT_USAGE = 2
@@ -345,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
+    except StageFailed as exc:  # the stage printed its output above; this is the reason, last on screen
+        import logging
+
+        logging.getLogger("prefect").setLevel(logging.WARNING)  # no "Stopping temporary server" below it
+        print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.deterministic else 1
     except (ConfigError, FileNotFoundError, ValueError, ServerUnavailable) as exc:
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -22,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from ddpm import config as config_mod
 from flows import tracking
+from flows.stage_failure import StageFailed, classify
 
 STAGES = ("prepare", "train", "sample", "reference", "evaluate")
 # Retries per stage. A retried train stage resumes from its newest checkpoint and MLflow run.
@@ -60,18 +64,54 @@ def _in_dir(path: str):
         os.chdir(old)
 
 
-@task(name="reproduce-stage", task_run_name="{stage}", cache_policy=None, log_prints=True)
-def reproduce_stage(root: str, stage: str) -> dict:
-    """Bring one DVC stage up to date; returns whether it ran and how long it took."""
-    from dvc.repo import Repo
+_PROGRESS_EVERY_S = 15.0  # a progress bar's line reaches the task log at most this often
 
+
+def _retry_unless_deterministic(task, task_run, state) -> bool:
+    return not (isinstance(state.data, StageFailed) and state.data.deterministic)
+
+
+def _stream(proc: subprocess.Popen, logger, tail: deque) -> None:
+    """The stage's output into the Prefect task log (which Prefect also prints here): every finished
+    line, and a progress bar's state every 15 s rather than every redraw."""
+    pending, last_progress = b"", 0.0
+    for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+        pending += chunk
+        *parts, pending = re.split(rb"(\r|\n)", pending)
+        for text, sep in zip(parts[0::2], parts[1::2]):
+            line = text.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            if sep == b"\n":
+                logger.info(line)
+                tail.append(line)
+            elif time.monotonic() - last_progress > _PROGRESS_EVERY_S:
+                last_progress = time.monotonic()
+                logger.info(line)
+    if pending.strip():
+        tail.append(pending.decode(errors="replace").strip())
+        logger.info(tail[-1])
+
+
+@task(name="reproduce-stage", task_run_name="{stage}", cache_policy=None, log_prints=True,
+      retry_condition_fn=_retry_unless_deterministic)
+def reproduce_stage(root: str, stage: str) -> dict:
+    """Bring one DVC stage up to date (``dvc repro --single-item <stage>``), its output streamed into
+    the task log; returns whether it ran and how long it took. Raises :class:`StageFailed`."""
     logger = get_run_logger()
     logger.info("stage %s: checking with DVC", stage)
     t0 = time.perf_counter()
-    with _in_dir(root), Repo(root) as repo:
-        done = repo.reproduce(stage, single_item=True)
+    lines: deque = deque(maxlen=5000)  # finished lines; progress bars redraw with \r and are not kept
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _stream(proc, logger, lines)
+    finally:
+        proc.wait()
     seconds = time.perf_counter() - t0
-    ran = bool(done)
+    if proc.returncode != 0:
+        raise classify(stage, list(lines))
+    ran = any(ln.startswith(f"Running stage '{stage}'") for ln in lines)
     logger.info("stage %s: %s in %.1f s", stage, "reproduced" if ran else "up to date, skipped", seconds)
     return {"stage": stage, "ran": ran, "seconds": round(seconds, 1)}
 

@@ -151,3 +151,56 @@ def test_fresh_clone_restores_outputs_with_dvc_pull(pipeline_run):
     run(DVC + ["pull"], clone)
     assert (clone / "models" / "model.safetensors").read_bytes() == (project / "models" / "model.safetensors").read_bytes()
     assert "up to date" in run(DVC + ["status"], clone).stdout
+
+
+def test_stage_output_reaches_the_prefect_task_log(pipeline_run):
+    """The train stage's own lines (not just 'checking with DVC') are in the task run's log."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTextSearch
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(text=LogFilterTextSearch(query="trained to step 6")))
+    assert any(log.task_run_id is not None and "trained to step 6" in log.message for log in logs)
+
+
+def test_a_deterministic_stage_failure_is_not_retried_and_its_reason_is_the_last_line(tmp_path, prefect_server):
+    project = make_project(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["prepare"]["source_path"] = str(tmp_path / "no-such-folder")  # DVC refuses before the command
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([DDPM, "pipeline"], project, check=False,
+              env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"})
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert last.startswith("ddpm pipeline: error: stage prepare failed (DVC did not run it, not retried): "
+                           "failed to reproduce 'prepare': "), last
+    assert "No such file or directory" in last and last.endswith("no-such-folder'"), last
+    assert (out.stdout + out.stderr).count("Retrying") == 0 and out.stderr.count("checking with DVC") == 1
+
+    # the command runs and explains its failure (exit 2): its own line is the reason, and train is not retried
+    params["prepare"].update(source_path=str(write_fashion_idx(tmp_path / "fashion")), resolution=16)
+    params["train"]["batch_size"] = 100_000
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([DDPM, "pipeline"], project, check=False,
+              env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"})
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert last.startswith("ddpm pipeline: error: stage train failed (exit 2, not retried): ddpm train: error: "), last
+    assert "100000" in last and out.stderr.count("Running stage 'train'") == 1  # once: no retry
+
+
+def test_the_stage_error_line_is_found_under_dvc_and_tracebacks():
+    import pickle
+
+    from flows.stage_failure import classify
+
+    own = classify("train", ["Running stage 'train':", "ddpm train: error: train.lr=1e+30 diverged", "",
+                             "ERROR: failed to reproduce 'train': failed to run: bin/ddpm train, exited with 2"])
+    assert (own.exit_code, own.reason, own.deterministic) == (2, "ddpm train: error: train.lr=1e+30 diverged", True)
+    crash = classify("train", ["Traceback (most recent call last):", '  File "x.py", line 1', "KeyError: 'x'",
+                               "ERROR: failed to reproduce 'train': failed to run: bin/ddpm train, exited with 1"])
+    assert (crash.exit_code, crash.reason, crash.deterministic) == (1, "KeyError: 'x'", False)
+    dvc = classify("prepare", ["ERROR: failed to reproduce 'prepare': dependency 'x' does not exist"])
+    assert (dvc.exit_code, dvc.deterministic) == (None, True) and dvc.reason.endswith("'x' does not exist")
+    assert not classify("train", ["ERROR: Unable to acquire lock. Most likely another DVC process"]).deterministic
+    assert str(pickle.loads(pickle.dumps(own))) == str(own)

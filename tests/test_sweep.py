@@ -81,7 +81,7 @@ def study_run(tmp_path_factory):
     base = {k: yaml.safe_load(v) for k, v in base.items()}
     base.update({"evaluate.inception": False, "evaluate.compare_samplers": [], "train.steps": 4})
     path = sweep_file(base_dir, {"study": "tiny", "base": base, "recipes": [
-        {"name": "eps", "family": "objective"},
+        {"name": "eps", "family": "objective", "set": {"diffusion.objective": "eps", "train.min_snr_gamma": 0.0}},
         {"name": "v", "family": "objective", "set": {"diffusion.objective": "v"}},
         {"name": "diverges", "family": "lr", "set": {"train.lr": 1.0e30, "train.grad_clip_norm": 0.0}}]})
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's own store
