@@ -120,9 +120,11 @@ def main() -> int:
           f"{args.workers} at a time", flush=True)
     # longest first, so the stragglers start early
     from ddpm import config
-    cost = {r.name: (lambda c: c.train.steps * c.train.batch_size * c.model.base_channels ** 2)(
-        config.load(args.params, list(r.overrides))) for r in study.recipes}
-    order = sorted(study.recipes, key=lambda r: -cost[r.name])
+    def cost(recipe) -> int:  # images seen x the width's share of the convolution work
+        c = config.load(args.params, list(recipe.overrides))
+        return c.train.steps * c.train.batch_size * c.model.base_channels ** 2
+
+    order = sorted(study.recipes, key=cost, reverse=True)
 
     def launch(recipe):
         if args.deadline and time.perf_counter() - t0 > args.deadline:

@@ -71,7 +71,7 @@ def _retry_unless_deterministic(task, task_run, state) -> bool:
     return not (isinstance(state.data, StageFailed) and state.data.deterministic)
 
 
-def _stream(proc: subprocess.Popen, logger, tail: deque) -> None:
+def _stream(proc: subprocess.Popen, logger, lines: deque) -> None:
     """The stage's output into the Prefect task log (which Prefect also prints here): every finished
     line, and a progress bar's state every 15 s rather than every redraw."""
     pending, last_progress = b"", 0.0
@@ -84,13 +84,13 @@ def _stream(proc: subprocess.Popen, logger, tail: deque) -> None:
                 continue
             if sep == b"\n":
                 logger.info(line)
-                tail.append(line)
+                lines.append(line)
             elif time.monotonic() - last_progress > _PROGRESS_EVERY_S:
                 last_progress = time.monotonic()
                 logger.info(line)
     if pending.strip():
-        tail.append(pending.decode(errors="replace").strip())
-        logger.info(tail[-1])
+        lines.append(pending.decode(errors="replace").strip())
+        logger.info(lines[-1])
 
 
 @task(name="reproduce-stage", task_run_name="{stage}", cache_policy=None, log_prints=True,
@@ -171,7 +171,8 @@ def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: boo
     if flow_run.id:
         os.environ[tracking.ENV_FLOW_RUN_ID] = str(flow_run.id)
     tracking.quiet_env()
-    # DVC runs each stage's `ddpm ...` command in a shell: make it the one beside this interpreter.
+    # The stages call bin/ddpm, which runs the project's .venv/bin/ddpm, or without one the `ddpm` on
+    # PATH: make that the one beside this interpreter.
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")

@@ -28,6 +28,7 @@ import yaml
 
 from ddpm import config as config_mod
 from ddpm.config import ConfigError
+from flows.stage_failure import classify
 
 LEADERBOARD = Path("metrics/leaderboard.csv")
 STUDY_KEYS = ("study", "base", "recipes", "grids", "metric")
@@ -155,13 +156,10 @@ def write_leaderboard(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _failure_reason(output: str) -> str:
-    """The stage's own error line (``ddpm <stage>: error: ...``) rather than DVC's summary after it."""
-    lines = [ln.strip() for ln in re.split(r"[\r\n]+", output) if ln.strip()]
-    for pattern in (r"ddpm \w+: error: ", r"\w*(Error|Exception): ", r"(?i).*error:"):
-        found = [ln for ln in lines if re.match(pattern, ln)]
-        if found:
-            return found[-1][:500]
-    return lines[-1][:500] if lines else "no output"
+    """The stage's own error line (``ddpm <stage>: error: ...``) rather than DVC's summary after it,
+    found as the pipeline flow finds it."""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", output)]
+    return classify("recipe", lines).reason[:500]
 
 
 def _run_logged(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
@@ -250,7 +248,7 @@ def run_study(root: str | Path, study: Study, params: str | Path = "params.yaml"
     done = {r["recipe"] for r in rows if r.get("status") in ("ok", "failed")}
     parent_id = _parent_run(root, study, params)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root), "DDPM_STUDY": study.name,
-           # the stage commands run in a shell in DVC's temporary copy: the `ddpm` beside this interpreter
+           # bin/ddpm finds the project's .venv; without one it runs the `ddpm` on PATH: this interpreter's
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     if parent_id:
         env["DDPM_STUDY_RUN_ID"] = parent_id
