@@ -293,10 +293,10 @@ def cmd_serve(args) -> None:
     serve(root=".", cron=args.cron, interval_s=args.interval, name=args.name)
 
 
-def cmd_ui(args) -> None:
+def cmd_ui(args) -> int:
     from flows.serve import mlflow_ui
 
-    mlflow_ui(root=".", host=args.host, port=args.port)
+    return mlflow_ui(root=".", host=args.host, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        rc = args.fn(args)  # most commands return None (success) or raise; `ui` passes the UI's exit status on
     except StageFailed as exc:  # the stage printed its output above; this is the reason, last on screen
         import logging
 
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

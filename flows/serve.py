@@ -63,8 +63,21 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
     if uri.startswith(("http://", "https://")):
         print(f"MLFLOW_TRACKING_URI points at a tracking server: its UI is {uri}")
         return 0
+    _check_port_free(host, port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", (Path(root).resolve() / "mlartifacts").as_uri()]
     print(f"MLflow UI for {uri} on http://{host}:{port}")
     return subprocess.call(cmd)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """``mlflow ui`` logs "Address already in use" and still exits 0: find out first, and fail clearly."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ServerUnavailable(f"cannot serve the MLflow UI on {host}:{port}: {exc.strerror} (another UI "
+                                    f"or server is there; open it, or choose another --port)") from None

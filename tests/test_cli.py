@@ -38,3 +38,17 @@ def test_serve_with_an_unreachable_server_names_the_url():
 def test_serve_needs_exactly_one_schedule():
     out = ddpm("serve")
     assert out.returncode == 2 and "exactly one of --cron or --interval" in out.stderr
+
+
+def test_ui_on_a_busy_port_fails_and_says_so(tmp_path):
+    """`mlflow ui` logs "Address already in use" and exits 0; `ddpm ui` must not report success."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([DDPM, "ui", "--port", str(port)], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"ddpm ui: error: cannot serve the MLflow UI on 127.0.0.1:{port}: Address already in use (another UI or "
+        "server is there; open it, or choose another --port)")
