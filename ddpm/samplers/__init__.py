@@ -8,10 +8,10 @@ from ddpm.config import SAMPLERS
 from ddpm.samplers.common import Denoiser, timesteps
 from ddpm.samplers.ddim import ddim_sample
 from ddpm.samplers.ddpm import ddpm_sample
-from ddpm.samplers.dpm_solver import dpm_solver_pp_2m_sample
+from ddpm.samplers.dpm_solver import dpm_solver_pp_2m_sample, dpm_solver_pp_2m_sde_sample
 from ddpm.schedule import NoiseSchedule
 
-__all__ = ["sample", "ddim_sample", "ddpm_sample", "dpm_solver_pp_2m_sample", "timesteps", "Denoiser"]
+__all__ = ["sample", "ddim_sample", "ddpm_sample", "dpm_solver_pp_2m_sample", "dpm_solver_pp_2m_sde_sample", "timesteps", "Denoiser"]
 
 
 def sample(name: str, model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], generator: torch.Generator,
@@ -26,4 +26,6 @@ def sample(name: str, model: Denoiser, schedule: NoiseSchedule, shape: tuple[int
         return ddpm_sample(model, schedule, shape, generator, steps=steps, **common)
     elif name == "dpm_solver++":
         return dpm_solver_pp_2m_sample(model, schedule, shape, generator, steps=steps, **common)
+    elif name == "dpm_solver++_sde":
+        return dpm_solver_pp_2m_sde_sample(model, schedule, shape, generator, steps=steps, **common)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
