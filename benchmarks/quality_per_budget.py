@@ -13,8 +13,11 @@ to 32), beside the real-data floor: N training images against the same test imag
 
     python benchmarks/quality_per_budget.py --budget 600 --n 2000            # the 2-core CPU
     # a GPU machine without the Inception weights: train and sample there, score here
-    python benchmarks/quality_per_budget.py --budget 240 --n 2000 --phase sample --out $OUT
-    python benchmarks/quality_per_budget.py --budget 240 --n 2000 --phase score --out <those files> --where "H100"
+    python benchmarks/quality_per_budget.py --budget 240 --n 2000 --phases train sample --out $OUT
+    python benchmarks/quality_per_budget.py --budget 240 --n 2000 --phases score --out <those files>
+    # the 2-core CPU trains; the course model's N x 100 DDIM passes (~1 h there) run on a GPU machine:
+    python benchmarks/quality_per_budget.py --budget 600 --phases train --out q   # here, then there:
+    python benchmarks/quality_per_budget.py --n 2000 --phases sample --out q      # then score here
 
 Cost outside the budget: sampling (the course model: N x 100 forward passes of an 18.5 M-parameter
 UNet, ~1 h for N = 2,000 on the 2-core CPU) and 3N Inception passes (0.1-0.3 s an image there).
@@ -27,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,6 +55,9 @@ from ddpm.prepare import load_split, prepare  # noqa: E402
 from ddpm.reference import draw  # noqa: E402
 from ddpm.sample import generate  # noqa: E402
 from ddpm.train import train  # noqa: E402
+
+
+PHASES = ("train", "sample", "score")
 
 
 def pad32(images: np.ndarray) -> np.ndarray:
@@ -82,12 +90,12 @@ def train_course(images: np.ndarray, budget: float, device: torch.device) -> tup
 
 
 @torch.no_grad()
-def sample_course(loop: CourseLoop, n: int, device: torch.device, batch: int = 250) -> np.ndarray:
+def sample_course(unet, n: int, device: torch.device, batch: int = 250) -> np.ndarray:
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(loop.scheduler.config)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")  # the course's
     scheduler.set_timesteps(100)
-    unet, out = loop.unet.eval(), []
+    unet, out = unet.eval(), []
     for i in range(0, n, batch):
         g = torch.Generator().manual_seed(i)
         x = torch.randn((min(batch, n - i), 1, 32, 32), generator=g).to(device)
@@ -116,29 +124,50 @@ def train_ours(params: str, prepared: Path, workdir: Path, budget: float, device
                            "train_seconds": result.seconds}
 
 
-def run_recipes(args, device: torch.device, prepared: Path, workdir: Path, out: Path) -> None:
-    """Train both recipes for the budget and sample N from each: <out>/samples_<recipe>.npz + stats json."""
+def train_recipes(args, device: torch.device, prepared: Path, workdir: Path, out: Path) -> None:
+    """Train both recipes for the budget: <out>/model_ours.safetensors, <out>/model_course.safetensors (the
+    UNet in fp16, half the size, so a CPU-trained model fits the GPU machine's 64 MiB transfer; sampled in
+    fp32 again) and each recipe's stats json."""
     (cfg, result), ours = train_ours(args.params, prepared, workdir, args.budget, str(device))
-    images = pad32(generate(load_model(result.model_path), dataclasses.replace(cfg.sample, device=str(device)),
-                            num_samples=args.n))
-    _save(out, "ours", images, {**ours, "recipe": "ours (params.yaml)", "sampler": f"{cfg.sample.sampler} {cfg.sample.steps}",
-                                "model": f"{result.num_parameters / 1e6:.1f} M params, {cfg.diffusion.objective}, "
-                                         f"min-SNR {cfg.train.min_snr_gamma:g}, batch {cfg.train.batch_size}, "
-                                         f"{result.device}"})
+    shutil.copyfile(result.model_path, out / "model_ours.safetensors")
+    _write_stats(out, "ours", {**ours, "recipe": "ours (params.yaml)", "sampler": f"{cfg.sample.sampler} {cfg.sample.steps}",
+                               "trained_on": _where(device),
+                               "model": f"{result.num_parameters / 1e6:.1f} M params, {cfg.diffusion.objective}, "
+                                        f"min-SNR {cfg.train.min_snr_gamma:g}, batch {cfg.train.batch_size}, {result.device}"})
     loop, course = train_course(load_split(prepared, "train").images, args.budget, device)
     params = sum(p.numel() for p in loop.unet.parameters())
-    _save(out, "course", sample_course(loop, args.n, device),
-          {**course, "recipe": "HF course unit 1", "sampler": "DDIM 100",
-           "model": f"{params / 1e6:.1f} M params, eps, batch 128, fp32, no EMA"})
+    save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in loop.unet.state_dict().items()},
+              str(out / "model_course.safetensors"))
+    _write_stats(out, "course", {**course, "recipe": "HF course unit 1", "sampler": "DDIM 100", "trained_on": _where(device),
+                                 "model": f"{params / 1e6:.1f} M params, eps, batch 128, fp32, no EMA"})
 
 
-def _save(out: Path, name: str, images: np.ndarray, stats: dict) -> None:
-    np.savez_compressed(out / f"samples_{name}.npz", images=images)
+def sample_recipes(args, device: torch.device, out: Path) -> None:
+    """N samples from each trained recipe: <out>/samples_<recipe>.npz and a grid."""
+    cfg = config.load(args.params, [f"sample.device={device}"])
+    images = generate(load_model(out / "model_ours.safetensors"), cfg.sample, num_samples=args.n)
+    _save(out, "ours", pad32(images), device)
+    unet = course_model()
+    unet.load_state_dict({k: v.float() for k, v in load_file(str(out / "model_course.safetensors")).items()})
+    _save(out, "course", sample_course(unet.to(device), args.n, device), device)
+
+
+def _where(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"this CPU, {torch.get_num_threads()} threads"
+
+
+def _write_stats(out: Path, name: str, stats: dict) -> None:
     (out / f"stats_{name}.json").write_text(json.dumps(stats))
+
+
+def _save(out: Path, name: str, images: np.ndarray, device: torch.device) -> None:
+    np.savez_compressed(out / f"samples_{name}.npz", images=images)
+    stats = json.loads((out / f"stats_{name}.json").read_text())
+    _write_stats(out, name, {**stats, "sampled_on": _where(device)})
     save_png(out / f"samples_{name}.png", grid(images[:64], nrow=8), scale=2)
 
 
-def score(args, device: torch.device, prepared: Path, out: Path, where: str) -> str:
+def score(args, device: torch.device, prepared: Path, out: Path) -> str:
     """Inception FID of each recipe's samples against N padded test images, and the real-data floor."""
     train_images, test_images = load_split(prepared, "train").images, load_split(prepared, "test").images
     f_test = inception_features(pad32(test_images[draw(args.n, len(test_images), 0)]), device, desc="inception test")
@@ -147,9 +176,9 @@ def score(args, device: torch.device, prepared: Path, out: Path, where: str) -> 
     lines = [f"# Quality per training budget: {args.budget:.0f} s each, Inception FID at N = {args.n}", "",
              f"- command: `python {' '.join(sys.argv)}`",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-             f"- trained and sampled on: {where}; Inception on {device}, torch {torch.__version__}", "",
-             f"| recipe | model | sampler | train s | steps | images seen | fid_inception_n{args.n} |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             f"- Inception on {device}, torch {torch.__version__}{'; ' + args.where if args.where else ''}", "",
+             f"| recipe | model | trained on | sampler, sampled on | train s | steps | images seen | "
+             f"fid_inception_n{args.n} |", "|---|---|---|---|---:|---:|---:|---:|"]
     fids = {}
     for name in ("ours", "course"):
         stats = json.loads((out / f"stats_{name}.json").read_text())
@@ -157,9 +186,10 @@ def score(args, device: torch.device, prepared: Path, out: Path, where: str) -> 
         if len(images) < args.n:
             raise SystemExit(f"{out}/samples_{name}.npz holds {len(images)} samples, fewer than --n {args.n}")
         fids[name] = frechet_distance_features(f_test, inception_features(images, device, desc=f"inception {name}"))
-        lines.append(f"| {stats['recipe']} | {stats['model']} | {stats['sampler']} | {stats['train_seconds']:.0f} | "
-                     f"{stats['steps']} | {stats['images_seen']} | {fids[name]:.2f} |")
-    lines += [f"| real training images (the floor) | | | | | | {floor:.2f} |", "",
+        lines.append(f"| {stats['recipe']} | {stats['model']} | {stats.get('trained_on', '')} | {stats['sampler']}, "
+                     f"{stats.get('sampled_on', '')} | {stats['train_seconds']:.0f} | {stats['steps']} | "
+                     f"{stats['images_seen']} | {fids[name]:.2f} |")
+    lines += [f"| real training images (the floor) | | | | | | | {floor:.2f} |", "",
               f"Ours / course = {fids['ours'] / fids['course']:.2f} (goal: <= 0.5)."]
     return "\n".join(lines) + "\n"
 
@@ -173,10 +203,11 @@ def main() -> int:
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--workdir", default="")
     ap.add_argument("--out", default="", help="a folder for the samples, grids and the table")
-    ap.add_argument("--phase", choices=("all", "sample", "score"), default="all",
-                    help="sample: train and sample only (e.g. on a GPU machine without the Inception weights); "
-                         "score: the FID table from a sample phase's --out")
-    ap.add_argument("--where", default="", help="with --phase score: the machine that trained and sampled")
+    ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
+                    help="train: both recipes for the budget, the models into --out; sample: N from each model "
+                         "in --out; score: the FID table from --out's samples (split them to train on one machine, "
+                         "sample on another and score where the Inception weights are)")
+    ap.add_argument("--where", default="", help="a note on the machines for the table's header")
     args = ap.parse_args()
     device = resolve_device(args.device)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="qpb-"))
@@ -185,12 +216,12 @@ def main() -> int:
     prepared = workdir / "prepared"
     prepare(config.load(args.params, [f"prepare.source_path={args.source}",
                                       f"prepare.out_dir={prepared}"]).prepare)
-    if args.phase in ("all", "sample"):
-        run_recipes(args, device, prepared, workdir, out)
-    if args.phase in ("all", "score"):
-        where = args.where or (torch.cuda.get_device_name() if device.type == "cuda"
-                               else f"this CPU, {torch.get_num_threads()} threads")
-        text = score(args, device, prepared, out, where)
+    if "train" in args.phases:
+        train_recipes(args, device, prepared, workdir, out)
+    if "sample" in args.phases:
+        sample_recipes(args, device, out)
+    if "score" in args.phases:
+        text = score(args, device, prepared, out)
         (out / "quality_per_budget.md").write_text(text)
         print(text)
     return 0
