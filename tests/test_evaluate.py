@@ -100,7 +100,7 @@ def test_files_beside_the_metrics(stage):
     assert rows[0] == ["class", "samples", "held_out"] and len(rows) == 11
     assert sum(float(r[1]) for r in rows[1:]) == pytest.approx(1.0, abs=1e-3)
     table = list(csv.DictReader(open(out / "sampler_comparison.csv")))
-    assert [r["steps"] for r in table] == ["1", "2"] and list(table[0]) == ["steps", "ddpm", "ddim", "dpm_solver++"]
+    assert [r["steps"] for r in table] == ["1", "2"] and list(table[0]) == ["steps", "ddpm", "ddim", "dpm_solver++", "dpm_solver++_sde"]
     assert table[0]["ddpm"] == ""  # not compared here: an empty cell keeps the DVC plot's fields
     key = metric_key("fd_classifier", 4, "ddim", 2)
     assert float(table[1]["ddim"]) == pytest.approx(stage["metrics"][key], abs=1e-4)
