@@ -10,6 +10,8 @@ a cached stage restores the id of the run that produced it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +23,8 @@ from typing import Any
 from ddpm.config import Config
 
 RUN_FILE = "mlflow.json"
+# What the logged pyfunc needs where it is loaded (the ddpm library itself travels in the model as code)
+PYFUNC_REQUIREMENTS = ["torch", "numpy", "safetensors", "pyyaml", "tqdm", "pillow"]
 ENV_FLOW_RUN_ID = "DDPM_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow for its stage subprocesses
 ENV_STUDY_RUN_ID = "DDPM_STUDY_RUN_ID"  # set by `ddpm sweep` for each recipe's stages
 
@@ -43,13 +47,29 @@ def client(root: str | Path = "."):
     from mlflow import MlflowClient
 
     quiet_env()
-    # Fail fast on an unreachable server; _with_retries below owns the waiting and backoff.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # Transient server errors (connection refused, 429, 5xx) are retried by MLflow's own HTTP client with
+    # exponential backoff: MLFLOW_HTTP_REQUEST_MAX_RETRIES (default 7), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR
+    # (2: 2, 4, ... 128 s, ~4 min in all), MLFLOW_HTTP_REQUEST_TIMEOUT (120 s). A permanent error (a 4xx such
+    # as a param conflict) fails at once. Set them in the environment to change them.
+    _show_http_retries()
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(uri, uri)
+
+
+def _show_http_retries() -> None:
+    """urllib3 logs each retry ("Retrying (Retry(total=6, ...)) after connection broken by ...") to a logger
+    with only a NullHandler: without this a run waiting for a restarting server would look hung."""
+    import logging
+
+    log = logging.getLogger("urllib3.connectionpool")
+    if not any(getattr(h, "_ddpm", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("MLflow HTTP: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        handler._ddpm = True
+        log.addHandler(handler)
 
 
 def git_commit(root: str | Path = ".") -> str | None:
@@ -68,21 +88,6 @@ def read_run_file(directory: str | Path) -> dict[str, Any] | None:
 def write_run_file(directory: str | Path, info: dict[str, Any]) -> None:
     Path(directory).mkdir(parents=True, exist_ok=True)
     (Path(directory) / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def _with_retries(what: str, fn, attempts: int = 5, first_delay_s: float = 1.0):
-    """Call ``fn`` until it succeeds, with exponential backoff; a tracking server may be restarting."""
-    delay = first_delay_s
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:  # MLflow raises several types for an unreachable server
-            if attempt == attempts:
-                raise RuntimeError(f"MLflow: {what} failed after {attempts} attempts against "
-                                   f"{tracking_uri()}: {exc}") from exc
-            warnings.warn(f"MLflow: {what} failed ({exc}); retrying in {delay:.0f} s", stacklevel=2)
-            time.sleep(delay)
-            delay *= 2
 
 
 def lineage_tags(root: str | Path, data_hash: str | None) -> dict[str, str]:
@@ -104,24 +109,26 @@ def start_train_run(root: str | Path, cfg: Config, data_hash: str, resume_run_id
     run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
     if run_id is None:
         exp_id = experiment_id(c, root, cfg.tracking.experiment)
-        run_id = _with_retries("create run", lambda: c.create_run(exp_id, tags={"mlflow.source.name": "ddpm train"}).info.run_id)
+        run_id = c.create_run(exp_id, tags={"mlflow.source.name": "ddpm train"}).info.run_id
     else:
         print(f"MLflow: continuing run {run_id}")
-        _with_retries("reopen run", lambda: c.update_run(run_id, status="RUNNING"))
+        c.update_run(run_id, status="RUNNING")
     params = {k: v for k, v in cfg.flat().items() if k.split(".")[0] in ("prepare", "model", "diffusion", "train", "tracking")}
     log_params(root, run_id, params)
-    _with_retries("set tags", lambda: [c.set_tag(run_id, k, v) for k, v in lineage_tags(root, data_hash).items()])
+    from mlflow.entities import RunTag
+
+    c.log_batch(run_id, tags=[RunTag(k, v) for k, v in lineage_tags(root, data_hash).items()])
     return run_id
 
 
 def experiment_id(c, root: str | Path, name: str) -> str:
-    exp = _with_retries("get experiment", lambda: c.get_experiment_by_name(name))
+    exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
     if "MLFLOW_TRACKING_URI" not in os.environ:  # the embedded store keeps artifacts beside it
         location = (Path(root).resolve() / "mlartifacts").as_uri()
-    return _with_retries("create experiment", lambda: c.create_experiment(name, artifact_location=location))
+    return c.create_experiment(name, artifact_location=location)
 
 
 def end_run(root: str | Path, run_id: str, status: str) -> None:
@@ -138,7 +145,21 @@ def log_params(root: str | Path, run_id: str, params: dict[str, Any]) -> None:
     c = client(root)
     batch = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
     for i in range(0, len(batch), 100):
-        _with_retries("log params", lambda: c.log_batch(run_id, params=batch[i : i + 100]))
+        c.log_batch(run_id, params=batch[i : i + 100])
+
+
+@contextlib.contextmanager
+def _one_try():
+    """MLflow's HTTP client without its retries (it reads the variable on every request)."""
+    old = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = old
 
 
 class MetricBuffer:
@@ -157,8 +178,9 @@ class MetricBuffer:
         ts = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), ts, step) for k, v in values.items()]
         try:
-            for i in range(0, len(self.pending), 1000):
-                self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+            with _one_try():  # training must not wait minutes in MLflow's backoff for a live point
+                for i in range(0, len(self.pending), 1000):
+                    self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
         except Exception as exc:
             warnings.warn(f"MLflow unreachable, keeping {len(self.pending)} metric points to send later ({exc})")
             return
@@ -166,12 +188,12 @@ class MetricBuffer:
 
 
 def log_metrics(root: str | Path, run_id: str, values: dict[str, float], step: int = 0) -> None:
-    """Log a few metrics now, retrying while the server is unreachable."""
+    """Log a few metrics now (MLflow's HTTP client retries while a server is unreachable)."""
     from mlflow.entities import Metric
 
     c, ts = client(root), int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, step) for k, v in values.items()]
-    _with_retries("log metrics", lambda: c.log_batch(run_id, metrics=batch))
+    c.log_batch(run_id, metrics=batch)
 
 
 TRAIN_METRICS = {"loss": "train_loss", "lr": "lr", "images_per_s": "images_per_s"}
@@ -189,25 +211,35 @@ def sync_history(root: str | Path, run_id: str, history: list[dict]) -> int:
     c = client(root)
     ts, missing = int(time.time() * 1000), []
     for src, key in TRAIN_METRICS.items():
-        have = {m.step for m in _with_retries(f"read {key}", lambda: c.get_metric_history(run_id, key))}
+        have = {m.step for m in c.get_metric_history(run_id, key)}
         missing += [Metric(key, float(r[src]), ts, int(r["step"])) for r in history if r["step"] not in have]
     for i in range(0, len(missing), 1000):
-        _with_retries("log metrics", lambda: c.log_batch(run_id, metrics=missing[i : i + 1000]))
+        c.log_batch(run_id, metrics=missing[i : i + 1000])
     return len(missing)
 
 
 def register_model(root: str | Path, run_id: str, model_path: str | Path, cfg: Config) -> str:
-    """Log ``model.safetensors`` as a pyfunc in ``run_id`` and register a new version; returns it."""
+    """Log ``model.safetensors`` as a pyfunc from code in ``run_id`` and register a new version; returns it.
+
+    Models from code: the logged model holds ``flows/mlflow_model.py``, the ``ddpm`` library and the weights,
+    no pickle; ``model_config`` carries the run's sample settings (the params' defaults)."""
     import mlflow
 
-    from flows.mlflow_model import WEIGHTS, DDPMPyfunc
+    from ddpm.export import load_model
+    from flows import mlflow_model
 
     client(root)
+    unet = load_model(model_path).unet.config
+    shape = (unet["channels"], unet["resolution"], unet["resolution"])
+    sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items()
+              if k in ("sampler", "steps", "eta", "timestep_spacing", "clip_x0", "batch_size", "seed", "mixed_precision")}
     with mlflow.start_run(run_id=run_id):
-        info = _with_retries("log model", lambda: mlflow.pyfunc.log_model(
-            name="model", python_model=DDPMPyfunc(), artifacts={WEIGHTS: str(model_path)},
-            pip_requirements=["torch", "safetensors", "numpy", "pillow", "ddpm-pipeline"],
-            registered_model_name=cfg.tracking.model_name))
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=mlflow_model.__file__, artifacts={mlflow_model.WEIGHTS: str(model_path)},
+            code_paths=[str(Path(__file__).resolve().parents[1] / "ddpm")], model_config=sample,
+            signature=mlflow_model.signature(sample, shape), pip_requirements=PYFUNC_REQUIREMENTS,
+            input_example=({"num_samples": [1]}, {"steps": 1}),  # MLflow checks it predicts; one sample, one step
+            registered_model_name=cfg.tracking.model_name)
     version = str(info.registered_model_version)
     print(f"registered {cfg.tracking.model_name} version {version} (run {run_id})")
     return version
@@ -217,7 +249,7 @@ def log_artifacts(root: str | Path, run_id: str, paths: list[str | Path], artifa
     c = client(root)
     for p in paths:
         if Path(p).exists():
-            _with_retries(f"log artifact {p}", lambda: c.log_artifact(run_id, str(p), artifact_path))
+            c.log_artifact(run_id, str(p), artifact_path)
 
 
 def registry_version(root: str | Path, ref: str):

@@ -264,7 +264,8 @@ def test_training_survives_the_tracking_server_restarting(tmp_path):
             assert rerun.returncode == 0, f"{tail(log)}\n{rerun.stdout}\n{rerun.stderr}"
         print(f"\nserver killed at {killed_at:.1f} s, back at {restarted_at:.1f} s; training attempts: {attempts}")
         text = log.read_text(errors="replace")
-        assert "MLflow unreachable" in text or "retrying" in text, text[-4000:]
+        # the outage was seen: live points kept, or MLflow's HTTP client retrying (its urllib3 lines are shown)
+        assert "MLflow unreachable" in text or "MLflow HTTP: Retrying" in text, text[-4000:]
 
         rest = f"{server['url']}/api/2.0/mlflow"
         exp = httpx.get(f"{rest}/experiments/get-by-name", params={"experiment_name": "ddpm"}, timeout=10)
