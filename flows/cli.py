@@ -52,8 +52,10 @@ def cmd_train(args) -> None:
     # The run id sits beside the checkpoints, so a rerun after a crash continues the same run.
     ckpt_dir = checkpoint_dir(cfg, prepared)
     previous = None if args.fresh else tracking.read_run_file(ckpt_dir)
-    run_id = tracking.start_train_run(".", cfg, load_manifest(prepared)["content_hash"],
-                                      (previous or {}).get("run_id"))
+    manifest = load_manifest(prepared)
+    run_id = tracking.start_train_run(".", cfg, manifest["content_hash"], (previous or {}).get("run_id"))
+    if previous is None:  # a resumed run logged its input already
+        tracking.log_dataset(".", run_id, cfg, manifest)
     write_run_file(ckpt_dir, {"run_id": run_id})
     buffer = tracking.MetricBuffer(".", run_id)
 

@@ -103,6 +103,21 @@ def lineage_tags(root: str | Path, data_hash: str | None) -> dict[str, str]:
     return tags
 
 
+def log_dataset(root: str | Path, run_id: str, cfg: Config, manifest: dict) -> None:
+    """The prepared data as the run's input (the UI's "Datasets used"): digest = its content hash, source =
+    the DVC output path at this git commit, profile = the counts and shape from its manifest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = {"dvc_path": cfg.prepare.out_dir, "git_commit": git_commit(root) or "unknown",
+              "prepared_from": manifest.get("source", {})}
+    profile = {"shape": manifest.get("shape"), "classes": len(manifest.get("classes") or []),
+               **{f"{split}_images": info.get("count") for split, info in manifest.get("splits", {}).items()}}
+    name = f"{cfg.prepare.source}-{Path(cfg.prepare.source_path).name or cfg.prepare.hub_id}-{cfg.prepare.resolution}px"
+    ds = Dataset(name=name, digest=manifest["content_hash"][:12], source_type="dvc", source=json.dumps(source),
+                 profile=json.dumps(profile))
+    client(root).log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
+
+
 def start_train_run(root: str | Path, cfg: Config, data_hash: str, resume_run_id: str | None) -> str:
     """Open the run for a training: ``MLFLOW_RUN_ID``, else the resumed one, else a new one."""
     c = client(root)

@@ -82,6 +82,13 @@ def test_first_run_runs_every_stage_and_registers_a_model(pipeline_run):
     assert mlrun.data.tags["ddpm.data_hash"] == manifest["content_hash"]
     assert mlrun.data.tags["ddpm.git_commit"] == head
     assert mlrun.data.tags["prefect.flow_run_id"]
+    # the prepared data is the run's dataset input: its content hash, its DVC path at this commit
+    [ds_input] = mlrun.inputs.dataset_inputs
+    ds = ds_input.dataset
+    assert ds.digest == manifest["content_hash"][:12] and ds.source_type == "dvc"
+    assert json.loads(ds.source)["dvc_path"] == "data/prepared" and json.loads(ds.source)["git_commit"] == head
+    assert json.loads(ds.profile)["train_images"] == manifest["splits"]["train"]["count"]
+    assert [(t.key, t.value) for t in ds_input.tags] == [("mlflow.data.context", "training")]
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id, "samples")}
     assert "samples/grid.png" in artifacts
     # sample grids by training step (checkpoints at steps 3 and 6), shown as an image history in the UI
