@@ -70,7 +70,8 @@ def cmd_train(args) -> None:
     log_grid = _grid_logger(cfg, prepared, run_id)
 
     try:
-        result = train(cfg, prepared, callback=callback, fresh=args.fresh)
+        with tracking.system_metrics(".", run_id, resume=previous is not None):
+            result = train(cfg, prepared, callback=callback, fresh=args.fresh)
         sent = tracking.sync_history(".", run_id, result.history)
         if sent:
             print(f"MLflow: sent {sent} metric points that live logging had missed")

@@ -177,6 +177,29 @@ def _one_try():
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = old
 
 
+@contextlib.contextmanager
+def system_metrics(root: str | Path, run_id: str, resume: bool = False):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) into the run while training; the
+    UI's "System metrics" tab. MLflow's variables apply: ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` (s,
+    default here 10), ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns them off."""
+    from mlflow.environment_variables import (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING,
+                                              MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    interval_s = MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10.0
+
+    if os.environ.get(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.name, "true").lower() in ("false", "0"):
+        yield
+        return
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume,
+                                   tracking_uri=tracking_uri(root))
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 class MetricBuffer:
     """Live training metrics, sent as they come; kept while the server is unreachable.
 

@@ -39,8 +39,9 @@ def pipeline_run(tmp_path_factory, prefect_server):
     source = write_fashion_idx(base / "fashion")
     project = make_project(base / "project")
     uri = f"sqlite:///{project / 'mlflow.db'}"
-    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI",)}
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")}
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # the tiny training lasts seconds
     from flows.pipeline import ddpm_pipeline
 
     first = ddpm_pipeline(root=str(project), overrides=tiny_overrides(source))
@@ -75,6 +76,7 @@ def test_first_run_runs_every_stage_and_registers_a_model(pipeline_run):
     mlrun = client.get_run(versions[0].run_id)
     assert mlrun.data.params["train.steps"] == "6" and mlrun.data.params["sample.steps"] == "4"
     assert mlrun.data.metrics[f"fd_classifier_n16"] == metrics["fd_classifier_n16"]
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(mlrun.data.metrics)
     losses = client.get_metric_history(mlrun.info.run_id, "train_loss")
     assert [m.step for m in losses] == [2, 4, 6]
     manifest = json.loads((project / "data" / "prepared" / "manifest.json").read_text())
