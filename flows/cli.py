@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", cmd_evaluate, "evaluate the samples (section: evaluate)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     add("pipeline", cmd_pipeline, "run the whole pipeline as a Prefect flow over the DVC stages; "
-        "-S overrides are written to params.yaml first, as `dvc exp run -S` does")
+        "-S overrides hold for this run only: it is saved as a DVC experiment (dvc exp show) and "
+        "params.yaml is put back")
     p = sub.add_parser("sweep", help="a recipe study: run each recipe of a sweep file as a DVC experiment, "
                        "tracked in MLflow, and write a leaderboard")
     p.add_argument("--params", default="params.yaml", help="params file the recipes override (default: params.yaml)")

@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from ddpm import config as config_mod
-from flows import tracking
+from flows import experiment, tracking
 from flows.stage_failure import StageFailed, classify
 
 STAGES = ("prepare", "train", "sample", "reference", "evaluate")
@@ -134,7 +134,7 @@ def _alias(root: Path, name: str, alias: str):
         return None
 
 
-def _report(root: Path, cfg, results: list[dict]) -> str:
+def _report(root: Path, cfg, results: list[dict], saved: str | None, overrides: list[str]) -> str:
     metrics_path = root / cfg.evaluate.metrics_path
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     run = tracking.read_run_file(root / cfg.train.out_dir) or {}
@@ -147,6 +147,12 @@ def _report(root: Path, cfg, results: list[dict]) -> str:
               f"- model: `{(root / cfg.train.out_dir / 'model.safetensors').resolve()}`",
               f"- MLflow run: `{run.get('run_id')}` in `{tracking.tracking_uri(root)}`",
               f"- registered model: `models:/{run.get('model_name')}/{run.get('model_version')}`"]
+    if saved:
+        lines.append(f"- DVC experiment: `{saved}` (`dvc exp show`; `dvc exp apply {saved}` restores its params, "
+                     "dvc.lock and metrics, then `dvc pull` its outputs)")
+    if overrides:
+        lines.append(f"- overrides, for this run only: `{' '.join(overrides)}`; params.yaml and the workspace are "
+                     "back as they were")
     if run.get("model_name"):
         for alias in ("champion", "candidate"):
             mv = _alias(root, run["model_name"], alias)
@@ -158,18 +164,37 @@ def _report(root: Path, cfg, results: list[dict]) -> str:
 
 @flow(name="ddpm-pipeline", log_prints=True)
 def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: bool = True) -> dict:
-    """Run every stage that DVC finds stale; ``overrides`` are ``section.key=value`` strings."""
+    """Run every stage that DVC finds stale; ``overrides`` are ``section.key=value`` strings. A run that
+    changes results is saved as a DVC experiment; overrides hold for this run only (flows/experiment.py)."""
     from prefect.runtime import flow_run
 
     root_path = Path(root).resolve()
     if not (root_path / ".dvc").is_dir():
         raise FileNotFoundError(f"{root_path} is not a DVC repository (no .dvc folder): run `git init && dvc init` "
                                 "there, or run the pipeline from the project root")
-    params = root_path / "params.yaml"
-    apply_overrides_to_params(params, list(overrides or []))
+    overrides = list(overrides or [])
+    config_mod.load(root_path / "params.yaml", overrides)  # a bad override fails before anything is written
+    recorded = experiment.has_commit(root_path)
+    before = experiment.snapshot(root_path) if overrides and recorded else None
+    name = experiment.experiment_name(flow_run.name) if recorded else None
+    try:
+        out = _run_stages(root_path, overrides, push, name, str(flow_run.id) if flow_run.id else None)
+    finally:
+        if before is not None:  # overrides never outlive their run, failed or not
+            problems = experiment.restore(root_path, before)
+            for problem in problems:
+                get_run_logger().warning("restoring the workspace: %s", problem)
+    return out
+
+
+def _run_stages(root: Path, overrides: list[str], push: bool, name: str | None, flow_run_id: str | None) -> dict:
+    params = root / "params.yaml"
+    apply_overrides_to_params(params, overrides)
     cfg = config_mod.load(params)
-    if flow_run.id:
-        os.environ[tracking.ENV_FLOW_RUN_ID] = str(flow_run.id)
+    if flow_run_id:
+        os.environ[tracking.ENV_FLOW_RUN_ID] = flow_run_id
+    if name:
+        os.environ[tracking.ENV_DVC_EXPERIMENT] = name
     tracking.quiet_env()
     # The stages call bin/ddpm, which runs the project's .venv/bin/ddpm, or without one the `ddpm` on
     # PATH: make that the one beside this interpreter.
@@ -179,15 +204,21 @@ def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: boo
     results = []
     for stage in STAGES:
         task_fn = reproduce_stage.with_options(retries=RETRIES[stage], retry_delay_seconds=RETRY_DELAY_S)
-        results.append(task_fn(str(root_path), stage))
-    pushed = push_outputs(str(root_path)) if push else 0
-    report = _report(root_path, cfg, results)
+        results.append(task_fn(str(root), stage))
+    pushed = push_outputs(str(root)) if push else 0
+    saved = None
+    if name and any(r["ran"] for r in results):
+        try:
+            saved = experiment.save(root, name)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the results stand; only the record is missing
+            get_run_logger().warning("this run is not recorded as a DVC experiment: %s", exc)
+    report = _report(root, cfg, results, saved, overrides)
     create_markdown_artifact(report, key="ddpm-pipeline-report", description="metrics and where the results are")
     print(report)
-    metrics_path = root_path / cfg.evaluate.metrics_path
-    return {"stages": results, "pushed": pushed, "report": report,
+    metrics_path = root / cfg.evaluate.metrics_path
+    return {"stages": results, "pushed": pushed, "report": report, "experiment": saved,
             "metrics": json.loads(metrics_path.read_text()) if metrics_path.exists() else {},
-            "run": tracking.read_run_file(root_path / cfg.train.out_dir)}
+            "run": tracking.read_run_file(root / cfg.train.out_dir)}
 
 
 def run_pipeline(root: str = ".", params: str = "params.yaml", overrides: list[str] | None = None) -> dict:

@@ -27,6 +27,7 @@ RUN_FILE = "mlflow.json"
 PYFUNC_REQUIREMENTS = ["torch", "numpy", "safetensors", "pyyaml", "tqdm", "pillow"]
 ENV_FLOW_RUN_ID = "DDPM_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow for its stage subprocesses
 ENV_STUDY_RUN_ID = "DDPM_STUDY_RUN_ID"  # set by `ddpm sweep` for each recipe's stages
+ENV_DVC_EXPERIMENT = "DDPM_DVC_EXPERIMENT"  # set by the Prefect flow: the DVC experiment it will save
 
 
 def quiet_env() -> None:
@@ -91,7 +92,12 @@ def write_run_file(directory: str | Path, info: dict[str, Any]) -> None:
 
 
 def lineage_tags(root: str | Path, data_hash: str | None) -> dict[str, str]:
-    tags = {"ddpm.git_commit": git_commit(root) or "unknown"}
+    from flows.experiment import git_dirty
+
+    dirty = git_dirty(Path(root))
+    tags = {"ddpm.git_commit": git_commit(root) or "unknown", "ddpm.git_dirty": "unknown" if dirty is None else str(dirty).lower()}
+    if os.environ.get(ENV_DVC_EXPERIMENT):
+        tags["ddpm.dvc_experiment"] = os.environ[ENV_DVC_EXPERIMENT]
     if data_hash:
         tags["ddpm.data_hash"] = data_hash
     if os.environ.get(ENV_FLOW_RUN_ID):

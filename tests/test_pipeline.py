@@ -44,12 +44,20 @@ def pipeline_run(tmp_path_factory, prefect_server):
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # the tiny training lasts seconds
     from flows.pipeline import ddpm_pipeline
 
-    first = ddpm_pipeline(root=str(project), overrides=tiny_overrides(source))
+    from flows.pipeline import apply_overrides_to_params
+
+    apply_overrides_to_params(project / "params.yaml", tiny_overrides(source))  # the project's own params
+    run(["git", "commit", "-qam", "tiny params"], project)
+    committed = (project / "params.yaml").read_text()
+    first = ddpm_pipeline(root=str(project))
     ckpts = sorted(p.name for p in (project / "checkpoints").rglob("*.safetensors"))
     mtimes = {p: p.stat().st_mtime_ns for p in (project / "models").iterdir()}
     second = ddpm_pipeline(root=str(project))
-    yield {"project": project, "source": source, "first": first, "second": second, "ckpts": ckpts,
-           "mtimes": mtimes, "uri": uri, "base": base}
+    lock = (project / "dvc.lock").read_text()
+    samples = (project / "samples" / "samples.npz").read_bytes()
+    third = ddpm_pipeline(root=str(project), overrides=["sample.seed=1"])  # for this run only
+    yield {"project": project, "source": source, "first": first, "second": second, "third": third, "ckpts": ckpts,
+           "mtimes": mtimes, "uri": uri, "base": base, "committed": committed, "lock": lock, "samples": samples}
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -118,10 +126,26 @@ def test_flow_leaves_dvc_clean_and_second_run_skips_everything(pipeline_run):
     assert second["metrics"] == pipeline_run["first"]["metrics"]
 
 
-def test_overrides_went_into_params_yaml_like_dvc_exp_run(pipeline_run):
-    params = yaml.safe_load((pipeline_run["project"] / "params.yaml").read_text())
-    assert params["train"]["steps"] == 6 and params["model"]["channel_mults"] == [1, 2]
-    assert "# One section per stage" in (pipeline_run["project"] / "params.yaml").read_text()  # comments kept
+def test_a_run_with_overrides_is_a_dvc_experiment_and_leaves_nothing_behind(pipeline_run):
+    project, third = pipeline_run["project"], pipeline_run["third"]
+    assert [s["ran"] for s in third["stages"]] == [False, False, True, False, True]  # sample and evaluate
+    # the workspace is as before the run: params, dvc.lock, outputs
+    assert (project / "params.yaml").read_text() == pipeline_run["committed"]
+    assert (project / "dvc.lock").read_text() == pipeline_run["lock"]
+    assert (project / "samples" / "samples.npz").read_bytes() == pipeline_run["samples"]
+    assert "up to date" in run(DVC + ["status"], project).stdout
+    # the run is an experiment with its params and metrics; its MLflow run names it
+    name = third["experiment"]
+    exps = json.loads(run(DVC + ["exp", "show", "--json"], project).stdout)
+    found = [e for rev in exps for e in (rev.get("experiments") or []) if e.get("name") == name]
+    assert len(found) == 1, exps
+    params = found[0]["revs"][0]["data"]["params"]["params.yaml"]["data"]
+    assert params["sample"]["seed"] == 1 and params["train"]["steps"] == 6
+    assert f"dvc exp apply {name}" in third["report"]
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(pipeline_run["uri"]).get_run(pipeline_run["first"]["run"]["run_id"]).data.tags
+    assert tags["ddpm.dvc_experiment"] == pipeline_run["first"]["experiment"] and tags["ddpm.git_dirty"] == "false"
 
 
 def test_sample_from_the_registry(pipeline_run):
@@ -148,6 +172,21 @@ def test_bad_override_is_named_and_loses_nothing(pipeline_run):
     assert out.returncode == 2 and "train.lr='fast' must be a number" in out.stderr
     assert (project / "params.yaml").read_text() == before
     assert (project / "models" / "model.safetensors").exists()
+
+
+def test_another_clone_reproduces_an_experiment_with_dvc_pull(pipeline_run):
+    """Nothing by hand: the experiment ref from the project (git remote origin), its outputs from the DVC remote."""
+    project, base, name = pipeline_run["project"], pipeline_run["base"], pipeline_run["third"]["experiment"]
+    clone = base / "exp-clone"
+    run(["git", "clone", "-q", str(project), str(clone)], base)
+    run(DVC + ["exp", "pull", "origin", name], clone)
+    run(DVC + ["exp", "branch", name, "from-exp"], clone)  # (`dvc exp apply` needs the outputs in the cache first)
+    run(["git", "checkout", "-q", "from-exp"], clone)
+    run(DVC + ["pull"], clone)
+    assert run(["git", "status", "--porcelain"], clone).stdout == ""
+    assert yaml.safe_load((clone / "params.yaml").read_text())["sample"]["seed"] == 1
+    assert "up to date" in run(DVC + ["status"], clone).stdout
+    assert (clone / "samples" / "samples.npz").read_bytes() != pipeline_run["samples"]  # the experiment's samples
 
 
 def test_fresh_clone_restores_outputs_with_dvc_pull(pipeline_run):

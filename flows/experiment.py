@@ -1,0 +1,98 @@
+"""Each flow run that changes results is recorded as a DVC experiment, and overrides never outlive their run.
+
+``ddpm pipeline -S ...`` writes the overrides into params.yaml (as ``dvc exp run -S`` does), runs the stages,
+then ``dvc exp save`` records params.yaml, dvc.lock and the metrics as an experiment ref (``dvc exp show``
+lists it, ``dvc exp apply <name>`` brings it back, ``dvc exp push origin <name>`` shares it; the outputs are on
+the DVC remote; in another clone ``dvc exp pull origin <name> && dvc exp branch <name> <branch> && git checkout
+<branch> && dvc pull``). Afterwards the tracked files the run changed are put back as they were before it and
+``dvc checkout`` restores the matching outputs, so the next run, scheduled or not, starts from the committed
+params. A run without overrides keeps its results in the workspace and is recorded the same way.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def experiment_name(flow_run_name: str | None) -> str:
+    """``<flow run name>-<UTC time>``: unique, and a valid git ref name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = "".join(c if c.isalnum() or c == "-" else "-" for c in (flow_run_name or "ddpm-pipeline")).strip("-")
+    return f"{base or 'ddpm-pipeline'}-{stamp}"
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60)
+
+
+def has_commit(root: Path) -> bool:
+    return _git(root, "rev-parse", "--verify", "-q", "HEAD").returncode == 0
+
+
+def git_dirty(root: Path) -> bool | None:
+    """Whether tracked files differ from the commit (None outside a git repository)."""
+    out = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def _modified(root: Path) -> list[str]:
+    out = _git(root, "status", "--porcelain", "--untracked-files=no", "-z")
+    return [entry[3:] for entry in out.stdout.split("\0") if len(entry) > 3]
+
+
+def recorded_files(root: Path) -> list[str]:
+    """What a run writes that git (not the DVC cache) keeps: dvc.lock, the ``cache: false`` outputs and the
+    .gitignore files DVC writes beside cached outputs."""
+    import os
+
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        outs = [o for s in repo.index.stages for o in s.outs]
+        files = [os.path.relpath(o.fs_path, repo.root_dir) for o in outs if not o.use_cache]
+        ignores = {os.path.relpath(os.path.join(os.path.dirname(o.fs_path), ".gitignore"), repo.root_dir)
+                   for o in outs if o.use_cache}
+    return ["dvc.lock", *files, *sorted(ignores)]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """The bytes (None: absent) of the files a run may change: tracked files that already differ from the
+    commit, dvc.lock and the ``cache: false`` outputs."""
+    paths = dict.fromkeys([*_modified(root), *recorded_files(root)])
+    return {p: (root / p).read_bytes() if (root / p).is_file() else None for p in paths}
+
+
+def restore(root: Path, before: dict[str, bytes | None]) -> list[str]:
+    """Put back every tracked file the run changed as it was in ``before`` (or the commit), then check the
+    outputs dvc.lock names out of the DVC cache. Returns what could not be restored, for the report."""
+    problems = []
+    for path, data in before.items():
+        if data is None:
+            (root / path).unlink(missing_ok=True)
+        else:
+            (root / path).write_bytes(data)
+    for path in _modified(root):
+        if path not in before and _git(root, "checkout", "HEAD", "--", path).returncode != 0:
+            problems.append(f"{path}: git checkout failed")
+    out = subprocess.run([*DVC, "checkout", "--quiet"], cwd=root, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        problems.append("dvc checkout: " + (out.stderr.strip().splitlines() or ["failed"])[-1]
+                        + " (the next `ddpm pipeline` rebuilds what is missing)")
+    return problems
+
+
+def save(root: Path, name: str) -> str:
+    """``dvc exp save -n name``: the workspace's params, dvc.lock and metrics (also when git does not track
+    them yet) as an experiment commit."""
+    include = [arg for p in recorded_files(root) if (root / p).is_file() for arg in ("-I", p)]
+    out = subprocess.run([*DVC, "exp", "save", "-n", name, *include], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode != 0:
+        reason = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        raise RuntimeError(f"dvc exp save -n {name} failed: {reason[-1] if reason else out.returncode}")
+    return name
