@@ -91,8 +91,21 @@ def save(root: Path, name: str) -> str:
     them yet) as an experiment commit."""
     include = [arg for p in recorded_files(root) if (root / p).is_file() for arg in ("-I", p)]
     out = subprocess.run([*DVC, "exp", "save", "-n", name, *include], cwd=root, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=_with_git_identity(root))
     if out.returncode != 0:
-        reason = (out.stderr.strip() or out.stdout.strip()).splitlines()
-        raise RuntimeError(f"dvc exp save -n {name} failed: {reason[-1] if reason else out.returncode}")
+        lines = (out.stderr + out.stdout).splitlines()
+        reason = next((ln for ln in lines if ln.startswith("ERROR")), lines[-1] if lines else str(out.returncode))
+        raise RuntimeError(f"dvc exp save -n {name} failed: {reason}")
     return name
+
+
+def _with_git_identity(root: Path) -> dict[str, str]:
+    """An experiment is a git commit: where git has no user configured (a fresh machine, a CI runner), sign
+    it as the pipeline instead of failing."""
+    import os
+
+    env = dict(os.environ)
+    if not _git(root, "config", "user.email").stdout.strip() and "GIT_AUTHOR_EMAIL" not in env:
+        env.update(GIT_AUTHOR_NAME="ddpm pipeline", GIT_AUTHOR_EMAIL="ddpm@localhost",
+                   GIT_COMMITTER_NAME="ddpm pipeline", GIT_COMMITTER_EMAIL="ddpm@localhost")
+    return env
