@@ -185,7 +185,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "dpm_solver++"
+    sampler: str = "dpm_solver++_sde"
     steps: int = 20
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral-like
     timestep_spacing: str = "trailing"
@@ -224,7 +224,7 @@ class EvaluateConfig:
     classifier_epochs: int = 2
     classifier_batch_size: int = 128
     classifier_lr: float = 3e-3
-    compare_samplers: tuple[str, ...] = ("ddpm", "ddim", "dpm_solver++")  # []: no sampler comparison
+    compare_samplers: tuple[str, ...] = ("ddpm", "ddim", "dpm_solver++", "dpm_solver++_sde")  # []: no sampler comparison
     compare_steps: tuple[int, ...] = (5, 10, 20)
     compare_num_samples: int = 0  # per sampler and step count; 0: auto, 64 CPU / 2000 GPU, at most N
     compare_metric: str = "auto"  # auto: fd_classifier on a CPU (if labelled), fid_inception on a GPU

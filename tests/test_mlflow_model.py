@@ -60,7 +60,7 @@ def test_signature_names_the_params_with_the_runs_defaults(registered):
 
     sig = get_model_info(str(registered["local"])).signature
     params = {p.name: (p.dtype.name, p.default) for p in sig.params.params}
-    assert params == {"num_samples": ("long", 16), "steps": ("long", 3), "sampler": ("string", "dpm_solver++"),
+    assert params == {"num_samples": ("long", 16), "steps": ("long", 3), "sampler": ("string", "dpm_solver++_sde"),
                       "seed": ("long", 0)}
     spec = sig.outputs.to_dict()[0]["tensor-spec"]
     assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, 1, 8, 8]

@@ -72,7 +72,8 @@ def test_first_run_runs_every_stage_and_registers_a_model(pipeline_run):
     assert [s["stage"] for s in first["stages"]] == ["prepare", "train", "sample", "reference", "evaluate"]
     assert all(s["ran"] for s in first["stages"])
     metrics = json.loads((project / "metrics" / "metrics.json").read_text())
-    comparison = {f"fd_classifier_n16_{s}_{k}steps" for s in ("ddpm", "ddim", "dpm_solver_pp") for k in (5, 10, 20)}
+    comparison = {f"fd_classifier_n16_{s}_{k}steps" for s in ("ddpm", "ddim", "dpm_solver_pp", "dpm_solver_pp_sde")
+                  for k in (5, 10, 20)}
     assert set(metrics) == {"fd_classifier_n16", "fd_classifier_real_n16", "classifier_accuracy",
                             "sample_class_entropy", "num_samples", "fid_inception_n16", "fid_inception_real_n16",
                             "kid_inception_n16", "kid_inception_real_n16", "precision_inception_n16",

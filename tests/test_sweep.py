@@ -107,7 +107,7 @@ def test_each_recipe_is_a_row_with_its_compute_and_quality_and_a_diverging_one_i
         precision = "bf16" if cpu_has_bf16_matrix_units() else "fp32"  # mixed_precision: auto
         assert float(r["train_seconds"]) > 0 and r["device"] == f"cpu ({precision})"
         assert 0 < float(r["fd_classifier_n16"]) < 1e4 and float(r["fd_classifier_real_n16"]) >= 0
-        assert (r["sampler"], r["sample_steps"]) == ("dpm_solver++", "4")
+        assert (r["sampler"], r["sample_steps"]) == ("dpm_solver++_sde", "4")
     assert "diffusion.objective=v" in rows["v"]["overrides"]
     assert rows["diverges"]["status"] == "failed"
     assert "loss became" in rows["diverges"]["reason"] and "train.lr" in rows["diverges"]["reason"]
