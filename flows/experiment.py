@@ -62,8 +62,8 @@ def recorded_files(root: Path) -> list[str]:
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
     """The bytes (None: absent) of the files a run may change: tracked files that already differ from the
-    commit, dvc.lock and the ``cache: false`` outputs."""
-    paths = dict.fromkeys([*_modified(root), *recorded_files(root)])
+    commit, params.yaml (also where git does not track it), dvc.lock and the ``cache: false`` outputs."""
+    paths = dict.fromkeys([*_modified(root), "params.yaml", *recorded_files(root)])
     return {p: (root / p).read_bytes() if (root / p).is_file() else None for p in paths}
 
 

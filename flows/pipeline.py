@@ -175,7 +175,7 @@ def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: boo
     overrides = list(overrides or [])
     config_mod.load(root_path / "params.yaml", overrides)  # a bad override fails before anything is written
     recorded = experiment.has_commit(root_path)
-    before = experiment.snapshot(root_path) if overrides and recorded else None
+    before = experiment.snapshot(root_path) if overrides else None  # put back even where nothing is recorded
     name = experiment.experiment_name(flow_run.name) if recorded else None
     try:
         out = _run_stages(root_path, overrides, push, name, str(flow_run.id) if flow_run.id else None)
