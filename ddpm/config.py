@@ -119,6 +119,13 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"model.attention_levels={list(self.attention_levels)} has {bad}: with "
                               f"{n} channel_mults the levels are 0..{n - 1} (or -{n}..-1 from the lowest)")
+        # the lowest level always has attention (the middle block), besides the levels named
+        for lv in {*(lv % n for lv in self.attention_levels), n - 1}:
+            width = self.base_channels * self.channel_mults[lv]
+            if width % self.attention_heads:
+                raise ConfigError(f"model.attention_heads={self.attention_heads} does not divide the {width} "
+                                  f"channels of UNet level {lv} (base_channels x channel_mults[{lv}]), which has "
+                                  f"self-attention")
 
     def attention_resolutions(self, resolution: int) -> tuple[int, ...]:
         """The pixel sizes of the attention levels for images of ``resolution``."""
@@ -261,8 +268,42 @@ class TrackingConfig:
         _choice("tracking.primary_metric_goal", self.primary_metric_goal, ("minimize", "maximize"))
 
 
+PIPELINE_STAGES = ("prepare", "train", "sample", "reference", "evaluate")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How the Prefect flow runs the stages. Not a DVC dependency: changing it reruns nothing.
+
+    A stage that runs past its limit is stopped (its process group: SIGTERM, then SIGKILL) and the
+    flow fails naming the limit; 0 means no limit.
+    """
+
+    prepare_timeout_s: int = 3600
+    train_timeout_s: int = 43200
+    sample_timeout_s: int = 7200
+    reference_timeout_s: int = 3600
+    evaluate_timeout_s: int = 7200
+
+    def __post_init__(self) -> None:
+        for stage in PIPELINE_STAGES:
+            _positive(f"pipeline.{stage}_timeout_s", self.timeout_s(stage), allow_zero=True)
+
+    def timeout_s(self, stage: str) -> int:
+        return getattr(self, f"{stage}_timeout_s")
+
+
+# metric families the evaluate stage writes, and what each needs (tracking.primary_metric is one)
+PRIMARY_METRICS = {"fd_classifier": None, "fid_inception": "inception", "kid_inception": "inception",
+                   "precision_inception": "inception", "recall_inception": "inception"}
+
+
 @dataclass(frozen=True)
 class Config:
+    """All sections. Checks that span sections (model vs data resolution, steps vs timesteps, the
+    promotion metric vs what evaluate computes) run here, so the whole pipeline's config is valid
+    before any stage starts."""
+
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -270,6 +311,31 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        levels = len(self.model.channel_mults)
+        factor = 2 ** (levels - 1)
+        res = self.prepare.resolution
+        if res % factor or res < factor:
+            fits = ", ".join(str(r) for r in range(factor, 8 * factor + 1, factor) if abs(r - res) <= 2 * factor)
+            raise ConfigError(f"prepare.resolution={res} does not fit the UNet: with {levels} model.channel_mults "
+                              f"each side is halved {levels - 1} times, so it must be a multiple of {factor} "
+                              f"(e.g. {fits or 4 * factor}), or use fewer channel_mults")
+        steps = {"sample.steps": [self.sample.steps], "evaluate.compare_steps": list(self.evaluate.compare_steps)}
+        for name, values in steps.items():
+            over = [v for v in values if v > self.diffusion.timesteps]
+            if over:
+                raise ConfigError(f"{name}={over[0] if name == 'sample.steps' else values} exceeds "
+                                  f"diffusion.timesteps={self.diffusion.timesteps}: a sampler steps through "
+                                  f"at most that many noise levels")
+        needs = PRIMARY_METRICS.get(self.tracking.primary_metric, "unknown")
+        if needs == "unknown":
+            raise ConfigError(f"tracking.primary_metric={self.tracking.primary_metric!r} is not a metric the "
+                              f"evaluate stage writes; choose one of {', '.join(PRIMARY_METRICS)}")
+        if needs == "inception" and not self.evaluate.inception:
+            raise ConfigError(f"tracking.primary_metric={self.tracking.primary_metric} needs Inception features, "
+                              f"and evaluate.inception is false")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists), as written to params.yaml."""

@@ -17,6 +17,7 @@ from ddpm import config as config_mod
 from ddpm.config import Config, ConfigError
 from flows.stage_failure import StageFailed
 from flows.serve import ServerUnavailable
+from flows.workspace_lock import WorkspaceBusy
 
 EXIT_USAGE = 2
 
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("prefect").setLevel(logging.WARNING)  # no "Stopping temporary server" below it
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.deterministic else 1
-    except (ConfigError, FileNotFoundError, ValueError, ServerUnavailable) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, ServerUnavailable, WorkspaceBusy) as exc:
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:

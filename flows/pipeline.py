@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,13 +25,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from ddpm import config as config_mod
-from flows import experiment, tracking
-from flows.stage_failure import StageFailed, classify
+from flows import experiment, tracking, workspace_lock
+from flows.stage_failure import StageFailed, StageTimedOut, classify
 
 STAGES = ("prepare", "train", "sample", "reference", "evaluate")
 # Retries per stage. A retried train stage resumes from its newest checkpoint and MLflow run.
 RETRIES = {"prepare": 1, "train": 2, "sample": 1, "reference": 1, "evaluate": 1}
 RETRY_DELAY_S = [5, 30]
+STOP_GRACE_S = 30  # a stopped stage gets this long after SIGTERM (training writes its checkpoint), then SIGKILL
 
 
 def apply_overrides_to_params(params_path: str | Path, overrides: list[str]) -> None:
@@ -71,6 +73,24 @@ def _retry_unless_deterministic(task, task_run, state) -> bool:
     return not (isinstance(state.data, StageFailed) and state.data.deterministic)
 
 
+def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to the stage's process group (DVC, the shell, `ddpm <stage>`), SIGKILL to what is left after
+    ``grace_s``. The stage runs in a session of its own, so nothing of it outlives the flow."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the group leader is gone; children may not be
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+
+
 def _stream(proc: subprocess.Popen, logger, lines: deque) -> None:
     """The stage's output into the Prefect task log (which Prefect also prints here): every finished
     line, and a progress bar's state every 15 s rather than every redraw."""
@@ -95,19 +115,25 @@ def _stream(proc: subprocess.Popen, logger, lines: deque) -> None:
 
 @task(name="reproduce-stage", task_run_name="{stage}", cache_policy=None, log_prints=True,
       retry_condition_fn=_retry_unless_deterministic)
-def reproduce_stage(root: str, stage: str) -> dict:
+def reproduce_stage(root: str, stage: str, timeout_s: int = 0) -> dict:
     """Bring one DVC stage up to date (``dvc repro --single-item <stage>``), its output streamed into
-    the task log; returns whether it ran and how long it took. Raises :class:`StageFailed`."""
+    the task log; returns whether it ran and how long it took. Raises :class:`StageFailed`, and
+    :class:`StageTimedOut` past ``timeout_s`` (Prefect's task timeout, set from params)."""
     logger = get_run_logger()
     logger.info("stage %s: checking with DVC", stage)
     t0 = time.perf_counter()
     lines: deque = deque(maxlen=5000)  # finished lines; progress bars redraw with \r and are not kept
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         _stream(proc, logger, lines)
-    finally:
         proc.wait()
+    except BaseException:  # a timeout, Ctrl-C, SIGTERM, a cancellation: stop the whole stage, then go on raising
+        stop_process_group(proc)
+        if timeout_s and time.perf_counter() - t0 >= timeout_s - 1:
+            raise StageTimedOut(stage, f"pipeline.{stage}_timeout_s", timeout_s) from None
+        raise
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise classify(stage, list(lines))
@@ -169,21 +195,19 @@ def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: boo
     from prefect.runtime import flow_run
 
     root_path = Path(root).resolve()
-    if not (root_path / ".dvc").is_dir():
-        raise FileNotFoundError(f"{root_path} is not a DVC repository (no .dvc folder): run `git init && dvc init` "
-                                "there, or run the pipeline from the project root")
     overrides = list(overrides or [])
-    config_mod.load(root_path / "params.yaml", overrides)  # a bad override fails before anything is written
-    recorded = experiment.has_commit(root_path)
-    before = experiment.snapshot(root_path) if overrides else None  # put back even where nothing is recorded
-    name = experiment.experiment_name(flow_run.name) if recorded else None
-    try:
-        out = _run_stages(root_path, overrides, push, name, str(flow_run.id) if flow_run.id else None)
-    finally:
-        if before is not None:  # overrides never outlive their run, failed or not
-            problems = experiment.restore(root_path, before)
-            for problem in problems:
-                get_run_logger().warning("restoring the workspace: %s", problem)
+    with workspace_lock.hold(root_path, flow_run.name):  # refused at once if another run holds the workspace
+        config_mod.load(root_path / "params.yaml", overrides)  # a bad override fails before anything is written
+        recorded = experiment.has_commit(root_path)
+        before = experiment.snapshot(root_path) if overrides else None  # put back even where nothing is recorded
+        name = experiment.experiment_name(flow_run.name) if recorded else None
+        try:
+            out = _run_stages(root_path, overrides, push, name, str(flow_run.id) if flow_run.id else None)
+        finally:
+            if before is not None:  # overrides never outlive their run, failed or not
+                problems = experiment.restore(root_path, before)
+                for problem in problems:
+                    get_run_logger().warning("restoring the workspace: %s", problem)
     return out
 
 
@@ -203,8 +227,10 @@ def _run_stages(root: Path, overrides: list[str], push: bool, name: str | None, 
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     results = []
     for stage in STAGES:
-        task_fn = reproduce_stage.with_options(retries=RETRIES[stage], retry_delay_seconds=RETRY_DELAY_S)
-        results.append(task_fn(str(root), stage))
+        limit = cfg.pipeline.timeout_s(stage) or None
+        task_fn = reproduce_stage.with_options(retries=RETRIES[stage], retry_delay_seconds=RETRY_DELAY_S,
+                                               timeout_seconds=limit)
+        results.append(task_fn(str(root), stage, limit or 0))
     pushed = push_outputs(str(root)) if push else 0
     saved = None
     if name and any(r["ran"] for r in results):
@@ -228,4 +254,5 @@ def run_pipeline(root: str = ".", params: str = "params.yaml", overrides: list[s
         raise config_mod.ConfigError("the pipeline reads params.yaml in the project root (DVC does too); "
                                      f"--params {params} is not supported here")
     config_mod.load(params, overrides)
-    return ddpm_pipeline(root=root, overrides=overrides or [])
+    with workspace_lock.hold(root):  # a busy workspace is refused before a Prefect server starts
+        return ddpm_pipeline(root=root, overrides=overrides or [])

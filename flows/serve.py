@@ -8,7 +8,6 @@ pipeline flow with the schedule and runs its flow runs in this process.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +20,18 @@ class ServerUnavailable(RuntimeError):
 
 
 def check_prefect_server(timeout_s: float = 5.0) -> str:
-    """The configured PREFECT_API_URL, after checking that a server answers there."""
+    """Prefect's API URL (the environment, else the active profile: `prefect config set PREFECT_API_URL=...`),
+    after checking that a server answers there."""
     import httpx
+    from prefect.settings import get_current_settings
 
-    api = os.environ.get("PREFECT_API_URL")
+    api = get_current_settings().api.url
     if not api:
         raise ServerUnavailable(
-            "schedules need a Prefect server, and PREFECT_API_URL is not set: start one with "
-            "`make prefect-server` (prefect server start --host 127.0.0.1 --port 4200), then "
-            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+            "schedules need a Prefect server, and PREFECT_API_URL is not set (neither in the environment nor in "
+            "the active Prefect profile): start one with `make prefect-server` (prefect server start --host "
+            "127.0.0.1 --port 4200), then `export PREFECT_API_URL=http://127.0.0.1:4200/api` or "
+            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
     try:
         httpx.get(api.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
     except httpx.HTTPError as exc:
@@ -52,9 +54,14 @@ def serve(root: str = ".", cron: str | None = None, interval_s: int | None = Non
     root = str(Path(root).resolve())
     print(f"serving ddpm-pipeline/{name} on {api} ({'cron ' + cron if cron else f'every {interval_s} s'}) "
           f"for {root}; Ctrl+C stops")
-    # limit=1: one flow run at a time. DVC locks the workspace, so a run that starts while the
-    # previous one is still going (a short interval, a slow run) would fail on the lock.
-    ddpm_pipeline.serve(name=name, cron=cron, interval=interval_s, parameters={"root": root}, limit=1)
+    # One flow run of this deployment at a time, across every runner serving it: a run that comes due while
+    # the previous one still goes (a short interval, a slow run) is cancelled by the server, not left to pile
+    # up as Late. Runs started elsewhere on the same workspace meet flows/workspace_lock.py.
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    ddpm_pipeline.serve(name=name, cron=cron, interval=interval_s, parameters={"root": root},
+                        global_limit=one_at_a_time)
 
 
 def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int:

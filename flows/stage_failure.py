@@ -16,13 +16,25 @@ _DVC_ERROR = "ERROR: "
 class StageFailed(RuntimeError):
     """A stage failed; the message ends with the stage's own error line (or DVC's, if the command never ran)."""
 
-    def __init__(self, stage: str, exit_code: int | None, reason: str, deterministic: bool):
+    def __init__(self, stage: str, exit_code: int | None, reason: str, deterministic: bool, where: str = ""):
         self.stage, self.exit_code, self.reason, self.deterministic = stage, exit_code, reason, deterministic
-        where = f"exit {exit_code}" if exit_code is not None else "DVC did not run it"
+        where = where or (f"exit {exit_code}" if exit_code is not None else "DVC did not run it")
         super().__init__(f"stage {stage} failed ({where}{', not retried' if deterministic else ''}): {reason}")
 
     def __reduce__(self):  # pickled with Prefect's task state: rebuild from the same fields
         return type(self), (self.stage, self.exit_code, self.reason, self.deterministic)
+
+
+class StageTimedOut(StageFailed):
+    """A stage ran past its time limit and was stopped; not retried (it would hit the same limit)."""
+
+    def __init__(self, stage: str, limit_name: str, limit_s: float):
+        self.limit_name, self.limit_s = limit_name, limit_s
+        super().__init__(stage, None, f"stopped after {limit_s:g} s, the limit {limit_name} (raise it in "
+                                      f"params.yaml, or 0 for none)", True, where="timed out")
+
+    def __reduce__(self):
+        return type(self), (self.stage, self.limit_name, self.limit_s)
 
 
 def classify(stage: str, lines: Sequence[str]) -> StageFailed:

@@ -35,6 +35,18 @@ def test_serve_with_an_unreachable_server_names_the_url():
     assert out.returncode == 2 and f"no Prefect server answers at PREFECT_API_URL={url}" in out.stderr
 
 
+def test_serve_reads_the_api_url_from_the_prefect_profile(tmp_path):
+    """`prefect config set PREFECT_API_URL=...` is how Prefect users point at a server; serve must see it."""
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {"PREFECT_HOME": str(tmp_path), "PREFECT_PROFILES_PATH": str(tmp_path / "profiles.toml")}
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    set_url = subprocess.run([prefect, "config", "set", f"PREFECT_API_URL={url}"], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, **env})
+    assert set_url.returncode == 0, set_url.stderr
+    out = ddpm("serve", "--interval", "60", env=env)
+    assert out.returncode == 2 and f"no Prefect server answers at PREFECT_API_URL={url}" in out.stderr, out.stderr
+
+
 def test_serve_needs_exactly_one_schedule():
     out = ddpm("serve")
     assert out.returncode == 2 and "exactly one of --cron or --interval" in out.stderr

@@ -97,8 +97,32 @@ def test_zero_terminal_snr_with_the_eps_objective_is_refused():
 def test_attention_levels_fit_any_resolution(resolution, expected):
     """The default attention sits at the lowest level whatever the image size (it was [7], 28 px only)."""
     assert Config().model.attention_resolutions(resolution) == expected
-    model = config.from_dict({"model": {"channel_mults": [1, 2, 2, 2], "attention_levels": [0, -1, 3]}}).model
-    assert model.attention_resolutions(resolution) == (resolution, resolution // 8)
+    deeper = {"prepare": {"resolution": resolution},
+              "model": {"channel_mults": [1, 2, 2, 2], "attention_levels": [0, -1, 3]}}
+    if resolution % 8:  # four levels halve each side three times
+        with pytest.raises(ConfigError, match=rf"prepare\.resolution={resolution} does not fit the UNet: with 4 "
+                                              r"model\.channel_mults .* multiple of 8 \(e\.g\. 16, 24, 32, 40\)"):
+            config.from_dict(deeper)
+    else:
+        model = config.from_dict(deeper).model
+        assert model.attention_resolutions(resolution) == (resolution, resolution // 8)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"sample": {"steps": 1001}}, r"sample\.steps=1001 exceeds diffusion\.timesteps=1000"),
+    ({"diffusion": {"timesteps": 10}, "sample": {"steps": 5}}, r"evaluate\.compare_steps=\[5, 10, 20\] exceeds diffusion\.timesteps=10"),
+    ({"tracking": {"primary_metric": "fid"}}, r"tracking\.primary_metric='fid' is not a metric the evaluate stage"),
+    ({"evaluate": {"inception": False}, "tracking": {"primary_metric": "kid_inception"}},
+     r"tracking\.primary_metric=kid_inception needs Inception features, and evaluate\.inception is false"),
+    ({"model": {"attention_heads": 3}}, r"model\.attention_heads=3 does not divide the 64 channels of UNet level 2"),
+    ({"model": {"base_channels": 18, "channel_mults": [1, 2], "attention_levels": [0]}, "prepare": {"resolution": 8}},
+     r"model\.attention_heads=4 does not divide the 18 channels of UNet level 0"),
+    ({"pipeline": {"train_timeout_s": -5}}, r"pipeline\.train_timeout_s=-5 must be >= 0"),
+])
+def test_the_whole_pipeline_is_checked_across_sections(overrides, message):
+    """What a stage would refuse minutes into a run is refused when the config loads."""
+    with pytest.raises(ConfigError, match=message):
+        config.from_dict(overrides)
 
 
 def test_attention_level_outside_the_unet_and_the_old_key_are_named():

@@ -191,6 +191,14 @@ def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path)
         for stage in ("prepare", "train", "sample", "reference", "evaluate"):
             assert f"stage {stage}: up to date, skipped" in text, tail(log, 8000)
         assert durations[1] < durations[0]
+        # runs due while the first trained (every 10 s) were cancelled by the deployment's limit, not queued
+        runs = _flow_runs(api, dep["id"])
+        first_end = datetime.fromisoformat(completed[0]["end_time"])
+        overlapped = [r for r in runs if datetime.fromisoformat(r["expected_start_time"]) < first_end
+                      and r["id"] != completed[0]["id"]]
+        assert overlapped and all(r["state_type"] == "CANCELLED" for r in overlapped), \
+            [(r["name"], r["state_name"]) for r in overlapped]
+        assert sum(r["state_name"] == "Late" for r in runs) <= 1, [(r["name"], r["state_name"]) for r in runs]
     finally:
         stop(serve, signal.SIGINT, grace_s=20)
 
