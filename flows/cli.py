@@ -52,7 +52,9 @@ def cmd_train(args) -> None:
 
     # The run id sits beside the checkpoints, so a rerun after a crash continues the same run.
     ckpt_dir = checkpoint_dir(cfg, prepared)
-    previous = None if args.fresh else tracking.read_run_file(ckpt_dir)
+    previous = None if args.fresh else tracking.verified_run_file(".", ckpt_dir)
+    if previous is not None and previous.get("run_id") is None:  # the store changed since the checkpoint
+        previous = None
     manifest = load_manifest(prepared)
     run_id = tracking.start_train_run(".", cfg, manifest["content_hash"], (previous or {}).get("run_id"))
     if previous is None:  # a resumed run logged its input already
@@ -172,6 +174,11 @@ def cmd_sample(args) -> None:
     loaded = load_model(weights)
     summary = sample_stage(loaded, scfg, source=scfg.model)
     run_id = os.environ.get("MLFLOW_RUN_ID") or run_id
+    stale = _raw_run_id(scfg.model) if _tracked(args) and not run_id else None
+    if stale:  # the model's run is not in this store (outputs pulled from DVC): a run of its own
+        from flows import tracking
+
+        run_id = tracking.start_stage_run(".", cfg, "sample", stale)
     if _tracked(args) and run_id:
         from flows import tracking
 
@@ -182,6 +189,13 @@ def cmd_sample(args) -> None:
     from flows.tracking import write_run_file
 
     write_run_file(scfg.out_dir, {"run_id": run_id if _tracked(args) else None, "model": scfg.model})
+
+
+def _raw_run_id(model: str) -> str | None:
+    """The run id in the mlflow.json beside a model file, unchecked."""
+    from flows.tracking import read_run_file
+
+    return None if model.startswith("models:/") else (read_run_file(Path(model).parent) or {}).get("run_id")
 
 
 def cmd_reference(args) -> None:
@@ -196,12 +210,17 @@ def cmd_evaluate(args) -> None:
 
     from ddpm.evaluate import evaluate
     from ddpm.export import load_model
-    from flows.tracking import read_run_file
-
     t0 = time.perf_counter()
     cfg = _load(args)
     samples_dir = Path(cfg.sample.out_dir)
-    sample_run = read_run_file(samples_dir) or {}
+    if _tracked(args):
+        from flows.tracking import verified_run_file
+
+        sample_run = verified_run_file(".", samples_dir) or {}
+    else:
+        from flows.tracking import read_run_file
+
+        sample_run = read_run_file(samples_dir) or {}
     loaded = None
     if cfg.evaluate.compare_samplers:
         # The sampler comparison draws from the model that made the samples.
@@ -218,6 +237,10 @@ def cmd_evaluate(args) -> None:
     seconds = time.perf_counter() - t0
 
     run_id = os.environ.get("MLFLOW_RUN_ID") or sample_run.get("run_id")
+    if _tracked(args) and not run_id and sample_run.get("stale_run_id"):  # see flows/tracking.verified_run_file
+        from flows import tracking
+
+        run_id = tracking.start_stage_run(".", cfg, "evaluate", sample_run["stale_run_id"])
     if _tracked(args) and run_id:
         from flows import tracking
 
@@ -267,7 +290,7 @@ def _evaluated_version(cfg: Config, sample_run: dict) -> tuple[str, str | None]:
     if ref.startswith("models:/"):
         mv = tracking.registry_version(".", ref)
         return mv.name, str(mv.version)
-    info = tracking.read_run_file(Path(ref).parent) or {}
+    info = tracking.verified_run_file(".", Path(ref).parent) or {}
     return info.get("model_name") or cfg.tracking.model_name, info.get("model_version")
 
 

@@ -247,7 +247,8 @@ def run_study(root: str | Path, study: Study, params: str | Path = "params.yaml"
     rows = read_leaderboard(board)
     done = {r["recipe"] for r in rows if r.get("status") in ("ok", "failed")}
     parent_id = _parent_run(root, study, params)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root), "DDPM_STUDY": study.name,
+    # no MLFLOW_TRACKING_URI needed: in DVC's temp copy the stages find the project's store (tracking.project_root)
+    env = {**os.environ, "DDPM_STUDY": study.name,
            # bin/ddpm finds the project's .venv; without one it runs the `ddpm` on PATH: this interpreter's
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     if parent_id:

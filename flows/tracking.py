@@ -38,9 +38,21 @@ def quiet_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def project_root(root: str | Path = ".") -> Path:
+    """The project a stage belongs to. ``dvc exp run --temp`` and ``--queue`` run stages in a copy under
+    ``<project>/.dvc/tmp/exps/``; their runs, artifacts and registered models belong to the project's own
+    store, not to a throwaway one in the copy."""
+    path = Path(root).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path
+
+
 def tracking_uri(root: str | Path = ".") -> str:
     """``MLFLOW_TRACKING_URI`` if set, else an SQLite store ``mlflow.db`` in the project root (absolute)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
 
 
 def client(root: str | Path = "."):
@@ -84,6 +96,50 @@ def git_commit(root: str | Path = ".") -> str | None:
 def read_run_file(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / RUN_FILE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def verified_run_file(root: str | Path, directory: str | Path) -> dict[str, Any] | None:
+    """:func:`read_run_file`, with the ids checked against the current tracking store.
+
+    ``mlflow.json`` travels with DVC outputs (a fresh clone's ``dvc pull``, an experiment applied elsewhere),
+    but the ids in it belong to the store that wrote it. A run the store does not hold is dropped (the stage
+    then logs into a new run, tagged with the old id); a registered version whose run is not this run is
+    dropped too, so the promotion gate never acts on another model that happens to have the same number."""
+    info = read_run_file(directory)
+    if not info or not info.get("run_id"):
+        return info
+    from mlflow.exceptions import MlflowException
+
+    c, where = client(root), f"{Path(directory) / RUN_FILE}"
+    try:
+        c.get_run(info["run_id"])
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        print(f"MLflow: {where} names run {info['run_id']}, which the tracking store {tracking_uri(root)} does not "
+              f"hold (outputs pulled from DVC, or another store): its stages log into a new run")
+        return {**info, "run_id": None, "model_version": None, "stale_run_id": info["run_id"]}
+    if info.get("model_version"):
+        name, version = info.get("model_name"), str(info["model_version"])
+        try:
+            owner = c.get_model_version(name, version).run_id
+        except MlflowException:
+            owner = None
+        if owner != info["run_id"]:
+            print(f"MLflow: {where} names {name} version {version}, which in {tracking_uri(root)} "
+                  f"{'belongs to run ' + owner if owner else 'does not exist'}, not to run {info['run_id']}: "
+                  f"no registered version is used for it")
+            return {**info, "model_version": None}
+    return info
+
+
+def start_stage_run(root: str | Path, cfg: Config, stage: str, stale_run_id: str | None = None) -> str:
+    """A new run for a stage whose model has no run in this store (see :func:`verified_run_file`)."""
+    c = client(root)
+    tags = {"mlflow.source.name": f"ddpm {stage}", **lineage_tags(root, None)}
+    if stale_run_id:
+        tags["ddpm.run_id_elsewhere"] = stale_run_id
+    return c.create_run(experiment_id(c, root, cfg.tracking.experiment), tags=tags).info.run_id
 
 
 def write_run_file(directory: str | Path, info: dict[str, Any]) -> None:
@@ -148,7 +204,7 @@ def experiment_id(c, root: str | Path, name: str) -> str:
         return exp.experiment_id
     location = None
     if "MLFLOW_TRACKING_URI" not in os.environ:  # the embedded store keeps artifacts beside it
-        location = (Path(root).resolve() / "mlartifacts").as_uri()
+        location = (project_root(root) / "mlartifacts").as_uri()
     return c.create_experiment(name, artifact_location=location)
 
 
@@ -321,7 +377,7 @@ def resolve_model(root: str | Path, ref: str, download_dir: str | Path) -> tuple
         path = Path(ref)
         if not path.exists():
             raise FileNotFoundError(f"model {path} not found: run `ddpm train` first, or pass models:/<name>@<alias>")
-        info = read_run_file(path.parent)
+        info = verified_run_file(root, path.parent)
         return path, info["run_id"] if info else None
     import mlflow
 

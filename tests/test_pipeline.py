@@ -201,6 +201,22 @@ def test_fresh_clone_restores_outputs_with_dvc_pull(pipeline_run):
     assert (clone / "models" / "model.safetensors").read_bytes() == (project / "models" / "model.safetensors").read_bytes()
     assert "up to date" in run(DVC + ["status"], clone).stdout
 
+    # the pulled models/mlflow.json names a run of the first project's store; the clone has a store of its own
+    store = f"sqlite:///{clone / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    old_run = json.loads((clone / "models" / "mlflow.json").read_text())["run_id"]
+    sampled = run([DDPM, "sample", "-S", "sample.seed=2"], clone, env=env)
+    assert f"names run {old_run}, which the tracking store {store} does not hold" in sampled.stdout, sampled.stdout
+    new_run = json.loads((clone / "samples" / "mlflow.json").read_text())["run_id"]
+    assert new_run and new_run != old_run
+    evaluated = run([DDPM, "evaluate", "-S", "evaluate.compare_samplers=[]"], clone, env=env)
+    assert "promotion: the samples come from no registered model version; gate skipped" in evaluated.stdout
+    from mlflow import MlflowClient
+
+    got = MlflowClient(store).get_run(new_run)
+    assert got.data.tags["ddpm.run_id_elsewhere"] == old_run and "fd_classifier_n16" in got.data.metrics
+    assert MlflowClient(store, store).search_registered_models() == []  # nothing registered or promoted here
+
 
 def test_stage_output_reaches_the_prefect_task_log(pipeline_run):
     """The train stage's own lines (not just 'checking with DVC') are in the task run's log."""
