@@ -246,29 +246,32 @@ def cmd_evaluate(args) -> None:
 
         run_id = _log_stage_params(run_id, "evaluate", cfg.to_dict()["evaluate"])
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        tracking.log_metrics(".", run_id, {**numbers, "evaluate_seconds": round(seconds, 1)})
+        name, version = _evaluated_version(cfg, sample_run)
+        from flows.promotion import logged_model_id
+
+        model_id = logged_model_id(tracking.client(".").get_model_version(name, version)) if version else None
+        tracking.log_metrics(".", run_id, numbers, model_id=model_id)  # on the run and on its logged model
+        tracking.log_metrics(".", run_id, {"evaluate_seconds": round(seconds, 1)})
         out = Path(cfg.evaluate.metrics_path).parent
         tracking.log_artifacts(".", run_id, [cfg.evaluate.metrics_path, "dvc.lock",
                                              Path(cfg.evaluate.reference_dir) / "reference.json",
                                              *(out / name for name in EVALUATE_FILES)], artifact_path="evaluation")
-        _promote(cfg, sample_run, run_id, numbers)
+        _promote(cfg, name, version, run_id, numbers)
     print(json.dumps(metrics, indent=2))
 
 
-def _promote(cfg: Config, sample_run: dict, run_id: str, metrics: dict) -> None:
+def _promote(cfg: Config, name: str, version: str | None, run_id: str, metrics: dict) -> None:
     """Run the promotion gate for the evaluated model version; the decision goes to the MLflow run."""
     import re
 
     from flows import promotion, tracking
 
-    name, version = _evaluated_version(cfg, sample_run)
     if version is None:
         print("promotion: the samples come from no registered model version; gate skipped")
         return
     pattern = re.compile(rf"{re.escape(cfg.tracking.primary_metric)}_n\d+")
     keys = [k for k in metrics if pattern.fullmatch(k)]
     c = tracking.client(".")
-    promotion.record_metrics(c, name, version, metrics)
     if not keys:
         print(f"promotion: no {cfg.tracking.primary_metric}_n<N> among the metrics; gate skipped")
         return

@@ -4,8 +4,9 @@ Every evaluated version gets the alias ``candidate``. The alias ``champion``
 moves to it only when its primary metric beats the current champion's on the
 same metric name (names carry their sample count N, so numbers measured at
 different N are never compared). The first evaluated version becomes champion.
-Each version carries its metric values as tags, so the comparison does not
-depend on which run logged them.
+The evaluate stage logs its metrics on the version's logged model (MLflow 3's
+``LoggedModel``: the Models tab of the experiment, and the version's page), so
+the champion's value is read from its model, whichever run logged it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 CANDIDATE, CHAMPION = "candidate", "champion"
-METRIC_TAG_PREFIX = "ddpm.metric."
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,22 @@ def _alias_version(client, name: str, alias: str):
         raise
 
 
-def record_metrics(client, name: str, version: str, metrics: dict[str, float]) -> None:
-    for key, value in metrics.items():
-        client.set_model_version_tag(name, str(version), METRIC_TAG_PREFIX + key, str(value))
+def logged_model_id(version) -> str | None:
+    """The logged model a registered version was made from: its ``model_id``, which MLflow's SQL registry does
+    not keep, else the ``models:/m-...`` source that ``log_model(registered_model_name=...)`` gives it."""
+    import re
+
+    found = re.fullmatch(r"models:/(m-[0-9a-f]+)", version.source or "")
+    return getattr(version, "model_id", None) or (found.group(1) if found else None)
+
+
+def model_metric(client, version, metric: str) -> float | None:
+    """The newest value of ``metric`` logged on the model version's logged model, if any."""
+    model_id = logged_model_id(version)
+    if model_id is None:
+        return None
+    found = [m for m in client.get_logged_model(model_id).metrics or [] if m.key == metric]
+    return max(found, key=lambda m: m.timestamp).value if found else None
 
 
 def promote(client, name: str, version: str, metric: str, value: float, goal: str = "minimize") -> Decision:
@@ -61,11 +74,10 @@ def promote(client, name: str, version: str, metric: str, value: float, goal: st
         promoted, reason = False, "already champion"
         champ_value = value
     else:
-        tag = (champion.tags or {}).get(METRIC_TAG_PREFIX + metric)
-        if tag is None:
+        champ_value = model_metric(client, champion, metric)
+        if champ_value is None:
             promoted, reason = False, f"champion v{champ_version} has no {metric}: not comparable, kept"
         else:
-            champ_value = float(tag)
             better = value < champ_value if goal == "minimize" else value > champ_value
             promoted = better
             reason = (f"{metric} {value:g} {'beats' if better else 'does not beat'} "

@@ -74,7 +74,7 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", (Path(root).resolve() / "mlartifacts").as_uri()]
-    print(f"MLflow UI for {uri} on http://{host}:{port}")
+    print(f"MLflow UI for {uri}: {_experiment_url(root, f'http://{host}:{port}')}")
     return subprocess.call(cmd)
 
 
@@ -88,3 +88,16 @@ def _check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             raise ServerUnavailable(f"cannot serve the MLflow UI on {host}:{port}: {exc.strerror} (another UI "
                                     f"or server is there; open it, or choose another --port)") from None
+
+
+def _experiment_url(root: str, base: str) -> str:
+    """The project's experiment in the UI's model-training view (MLflow 3 opens in its GenAI view by default)."""
+    view = "?workflowType=machine_learning"
+    try:
+        from ddpm import config as config_mod
+
+        name = config_mod.load(Path(root) / "params.yaml").tracking.experiment
+        exp = tracking.client(root).get_experiment_by_name(name)
+    except Exception:  # no params.yaml or no store yet: the experiments list
+        exp = None
+    return f"{base}/#/experiments/{exp.experiment_id}{view}" if exp else f"{base}/#/experiments{view}"

@@ -198,14 +198,20 @@ def start_train_run(root: str | Path, cfg: Config, data_hash: str, resume_run_id
     return run_id
 
 
+# The UI opens an experiment in the view its kind names; without it MLflow 3 guesses, and shows GenAI tabs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(c, root: str | Path, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if "mlflow.experimentKind" not in exp.tags:  # made by an older version of the project
+            c.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     location = None
     if "MLFLOW_TRACKING_URI" not in os.environ:  # the embedded store keeps artifacts beside it
         location = (project_root(root) / "mlartifacts").as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def end_run(root: str | Path, run_id: str, status: str) -> None:
@@ -287,12 +293,14 @@ class MetricBuffer:
         self.pending = []
 
 
-def log_metrics(root: str | Path, run_id: str, values: dict[str, float], step: int = 0) -> None:
-    """Log a few metrics now (MLflow's HTTP client retries while a server is unreachable)."""
+def log_metrics(root: str | Path, run_id: str, values: dict[str, float], step: int = 0,
+                model_id: str | None = None) -> None:
+    """Log a few metrics now (MLflow's HTTP client retries while a server is unreachable); with ``model_id``
+    they are also the metrics of that logged model."""
     from mlflow.entities import Metric
 
     c, ts = client(root), int(time.time() * 1000)
-    batch = [Metric(k, float(v), ts, step) for k, v in values.items()]
+    batch = [Metric(k, float(v), ts, step, model_id=model_id) for k, v in values.items()]
     c.log_batch(run_id, metrics=batch)
 
 

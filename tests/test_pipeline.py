@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +114,15 @@ def test_first_run_runs_every_stage_and_registers_a_model(pipeline_run):
     assert int(client.get_model_version_by_alias("ddpm-fashion-mnist", "candidate").version) == 1
     assert mlrun.data.tags["promotion.reason"] == "no champion yet"
     assert "champion: `models:/ddpm-fashion-mnist@champion` = version 1" in first["report"]
+    # evaluation metrics are the logged model's (the Models tab), not version tags; the experiment is a
+    # model-training one (the UI's runs view, not the GenAI view)
+    from flows.promotion import logged_model_id
+
+    model = client.get_logged_model(logged_model_id(versions[0]))
+    third = pipeline_run["third"]["metrics"]["fd_classifier_n16"]  # the override run evaluated the same version
+    assert {m.value for m in model.metrics if m.key == "fd_classifier_n16"} == {metrics["fd_classifier_n16"], third}
+    assert not any(k.startswith("ddpm.metric.") for k in versions[0].tags)
+    assert client.get_experiment(mlrun.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_flow_leaves_dvc_clean_and_second_run_skips_everything(pipeline_run):
@@ -269,3 +281,49 @@ def test_the_stage_error_line_is_found_under_dvc_and_tracebacks():
     assert (dvc.exit_code, dvc.deterministic) == (None, True) and dvc.reason.endswith("'x' does not exist")
     assert not classify("train", ["ERROR: Unable to acquire lock. Most likely another DVC process"]).deterministic
     assert str(pickle.loads(pickle.dumps(own))) == str(own)
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian: apt-get install chromium)")
+def test_ddpm_ui_shows_the_pipeline_run_with_its_metrics_and_sample_grid(pipeline_run, tmp_path):
+    """What a user opens after `make run`: `ddpm ui`, the run's page and its sample grid, in headless Chromium."""
+    import httpx
+
+    from tests.test_operations import base_env, free_port, spawn, stop, tail
+
+    project, run_id = pipeline_run["project"], pipeline_run["first"]["run"]["run_id"]
+    port, log = free_port(), tmp_path / "ui.log"
+    ui = spawn([DDPM, "ui", "--port", str(port)], log, cwd=project, env=base_env(MLFLOW_TRACKING_URI=pipeline_run["uri"]))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            assert ui.poll() is None, f"ddpm ui exited ({ui.returncode}):\n{tail(log)}"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        exp_id = httpx.get(f"{base}/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]["info"]["experiment_id"]
+
+        def dom(fragment: str) -> str:
+            cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}",
+                   "--virtual-time-budget=20000", "--dump-dom",
+                   f"{base}/#/experiments/{exp_id}/runs/{run_id}{fragment}?workflowType=machine_learning"]
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=base_env()).stdout
+
+        printed = f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"  # the model-training view
+        assert printed in log.read_text(), tail(log)
+        overview = dom("")
+        assert "fd_classifier_n16" in overview and "train_loss" in overview, overview[-3000:]
+        assert "ddpm-fashion-mnist" in overview, overview[-3000:]  # the registered model it produced
+        grid = dom("/artifacts/samples/grid.png")
+        assert '<img alt="samples/grid.png" src="blob:' in grid, grid[-3000:]  # the grid, fetched and shown
+        png = httpx.get(f"{base}/get-artifact", params={"path": "samples/grid.png", "run_uuid": run_id})
+        assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        stop(ui, signal.SIGINT, grace_s=10)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.promotion import CANDIDATE, CHAMPION, promote, record_metrics
+from flows.promotion import CANDIDATE, CHAMPION, model_metric, promote
 
 METRIC = "fd_classifier_n256"
 
@@ -14,8 +14,11 @@ def store(tmp_path_factory):
     """One SQLite store for the module (creating one costs seconds); one registered model per test."""
     from mlflow import MlflowClient
 
+    import mlflow
+
     d = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{d / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)  # the registry resolves a models:/m-... source through the default client
     c = MlflowClient(uri, uri)
     exp = c.create_experiment("gate", artifact_location=(d / "artifacts").as_uri())
     return c, exp
@@ -27,13 +30,18 @@ def client(store, request):
     c.name = request.node.name
     c.create_registered_model(c.name)
     c.run_ids = [c.create_run(exp).info.run_id for _ in range(3)]
+    c.exp = exp
     return c
 
 
 def new_version(client, i: int, value: float | None, metric: str = METRIC) -> str:
-    mv = client.create_model_version(client.name, source=f"runs:/{client.run_ids[i]}/model", run_id=client.run_ids[i])
+    """A version of a logged model, with ``metric`` logged on that model as the evaluate stage does."""
+    run_id = client.run_ids[i]
+    model = client.create_logged_model(client.exp, name="model", source_run_id=run_id)
+    mv = client.create_model_version(client.name, source=model.model_uri, run_id=run_id, model_id=model.model_id)
     if value is not None:
-        record_metrics(client, client.name, mv.version, {metric: value})
+        client.log_metric(run_id, metric, value, model_id=model.model_id)
+        assert model_metric(client, mv, metric) == value
     return str(mv.version)
 
 
