@@ -313,7 +313,8 @@ def cmd_sweep(args) -> None:
     study = load_study(args.file, args.params)  # every recipe validated before anything runs
     rows = run_study(".", study, args.params, args.leaderboard)
     failed = [r["recipe"] for r in rows if r["status"] != "ok"]
-    print(f"study {study.name}: {len(rows) - len(failed)} recipes finished, {len(failed)} failed"
+    done = len(rows) - len(failed)
+    print(f"study {study.name}: {done} recipe{'' if done == 1 else 's'} finished, {len(failed)} failed"
           f"{' (' + ', '.join(failed) + ')' if failed else ''}; leaderboard: {args.leaderboard}")
 
 

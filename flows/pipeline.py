@@ -174,8 +174,10 @@ def _report(root: Path, cfg, results: list[dict], saved: str | None, overrides: 
               f"- MLflow run: `{run.get('run_id')}` in `{tracking.tracking_uri(root)}`",
               f"- registered model: `models:/{run.get('model_name')}/{run.get('model_version')}`"]
     if saved:
-        lines.append(f"- DVC experiment: `{saved}` (`dvc exp show`; `dvc exp apply {saved}` restores its params, "
-                     "dvc.lock and metrics, then `dvc pull` its outputs)")
+        lines.append(f"- DVC experiment: `{saved}` (`dvc exp show`; here `dvc exp apply {saved}` restores its params, "
+                     f"dvc.lock, metrics and outputs; in another clone, after `dvc exp push origin {saved}`: "
+                     f"`dvc exp pull origin {saved} && dvc exp branch {saved} <branch> && git checkout <branch> "
+                     "&& dvc pull`)")
     if overrides:
         lines.append(f"- overrides, for this run only: `{' '.join(overrides)}`; params.yaml and the workspace are "
                      "back as they were")

@@ -73,7 +73,7 @@ def test_the_cli_refuses_a_bad_sweep_file_and_starts_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
-    """Three recipes through `ddpm sweep` in a fresh project: two that train, one whose loss diverges."""
+    """Two recipes through `ddpm sweep` in a fresh project: one that trains, one whose loss diverges."""
     base_dir = tmp_path_factory.mktemp("sweep")
     source = write_fashion_idx(base_dir / "fashion")
     project = make_project(base_dir / "project")
@@ -81,7 +81,6 @@ def study_run(tmp_path_factory):
     base = {k: yaml.safe_load(v) for k, v in base.items()}
     base.update({"evaluate.inception": False, "evaluate.compare_samplers": [], "train.steps": 4})
     path = sweep_file(base_dir, {"study": "tiny", "base": base, "recipes": [
-        {"name": "eps", "family": "objective", "set": {"diffusion.objective": "eps", "train.min_snr_gamma": 0.0}},
         {"name": "v", "family": "objective", "set": {"diffusion.objective": "v"}},
         {"name": "diverges", "family": "lr", "set": {"train.lr": 1.0e30, "train.grad_clip_norm": 0.0}}]})
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's own store
@@ -99,8 +98,8 @@ def test_each_recipe_is_a_row_with_its_compute_and_quality_and_a_diverging_one_i
     first, project = study_run["first"], study_run["project"]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     rows = leaderboard(project)
-    assert list(rows) == ["eps", "v", "diverges"]
-    for name in ("eps", "v"):
+    assert list(rows) == ["v", "diverges"]
+    for name in ("v",):
         r = rows[name]
         assert r["status"] == "ok" and r["family"] == "objective", r
         assert int(r["images_seen"]) == 4 * 8  # steps x batch
@@ -111,9 +110,9 @@ def test_each_recipe_is_a_row_with_its_compute_and_quality_and_a_diverging_one_i
     assert "diffusion.objective=v" in rows["v"]["overrides"]
     assert rows["diverges"]["status"] == "failed"
     assert "loss became" in rows["diverges"]["reason"] and "train.lr" in rows["diverges"]["reason"]
-    assert "[1/3] eps: dvc exp run --temp -n tiny-eps" in first.stdout
-    assert "[3/3] diverges: failed" in first.stdout
-    assert first.stdout.strip().splitlines()[-1] == ("study tiny: 2 recipes finished, 1 failed (diverges); "
+    assert "[1/2] v: dvc exp run --temp -n tiny-v" in first.stdout
+    assert "[2/2] diverges: failed" in first.stdout
+    assert first.stdout.strip().splitlines()[-1] == ("study tiny: 1 recipe finished, 1 failed (diverges); "
                                                      "leaderboard: metrics/leaderboard.csv")
     assert (project / "metrics" / "leaderboard.png").stat().st_size > 1000
 
@@ -123,7 +122,7 @@ def test_recipes_are_dvc_experiments_that_dvc_exp_show_lists(study_run):
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
     names = {e.get("name") for commit in json.loads(shown) for e in (commit.get("experiments") or [])
              for e in (e.get("revs") or [])}
-    assert {"tiny-eps", "tiny-v"} <= names, names
+    assert "tiny-v" in names, names
     params = run([sys.executable, "-m", "dvc", "exp", "show", "--csv", "--only-changed"], project).stdout
     assert "tiny-v" in params
     assert run(["git", "status", "--porcelain", "params.yaml"], project).stdout == ""  # workspace untouched
@@ -139,7 +138,7 @@ def test_the_study_is_one_mlflow_parent_run_with_a_child_per_recipe(study_run):
     assert parent.data.tags["ddpm.study"] == "tiny" and parent.info.status == "FINISHED"
     children = c.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_recipe = {r.data.tags["ddpm.recipe"]: r for r in children}
-    assert set(by_recipe) == {"eps", "v", "diverges"}
+    assert set(by_recipe) == {"v", "diverges"}
     assert by_recipe["diverges"].info.status == "FAILED" and by_recipe["v"].info.status == "FINISHED"
     assert by_recipe["v"].data.params["diffusion.objective"] == "v"
     assert by_recipe["v"].info.run_name == "tiny/v"  # the UI lists children by recipe
@@ -151,5 +150,5 @@ def test_the_study_is_one_mlflow_parent_run_with_a_child_per_recipe(study_run):
 def test_a_rerun_runs_nothing_that_is_on_the_leaderboard(study_run):
     again = study_run["again"]
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "study tiny: 3 recipes, 3 already on metrics/leaderboard.csv, 0 to run" in again.stdout
+    assert "study tiny: 2 recipes, 2 already on metrics/leaderboard.csv, 0 to run" in again.stdout
     assert "dvc exp run" not in again.stdout
