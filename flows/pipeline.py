@@ -73,10 +73,10 @@ def _retry_unless_deterministic(task, task_run, state) -> bool:
     return not (isinstance(state.data, StageFailed) and state.data.deterministic)
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM to the stage's process group (DVC, the shell, `ddpm <stage>`), SIGKILL to what is left after
-    ``grace_s``. The stage runs in a session of its own, so nothing of it outlives the flow."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
+def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S, first: int = signal.SIGTERM) -> None:
+    """``first`` (SIGTERM) to the stage's process group (DVC, the shell, `ddpm <stage>`), SIGKILL to what is
+    left after ``grace_s``. The stage runs in a session of its own, so nothing of it outlives the flow."""
+    for sig, wait_s in ((first, grace_s), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

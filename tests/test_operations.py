@@ -67,23 +67,11 @@ def tail(path: Path, n: int = 4000) -> str:
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 15) -> None:
-    """Stop a process we started (and its process group), by its id."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=15)
-    # children left in the group (server workers) go too
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """Stop a process we started with its process group: ``sig``, then SIGKILL to whatever is left."""
+    from flows.pipeline import stop_process_group
+
+    if proc.poll() is None:
+        stop_process_group(proc, grace_s, first=sig)
 
 
 def spawn(cmd: list[str], log: Path, **kw) -> subprocess.Popen:
