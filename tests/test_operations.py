@@ -107,10 +107,15 @@ def mlflow_server(store: Path):
         stop(state["proc"])
 
 
+# Operations are about servers and processes, not metrics: no Inception and no sampler comparison (tens of
+# seconds a pipeline run here; tests/test_pipeline.py checks them)
+LEAN = ["evaluate.inception=false", "evaluate.compare_samplers=[]"]
+
+
 def tiny_project(base: Path, extra: list[str] = ()) -> Path:
     source = write_fashion_idx(base / "fashion")
     project = make_project(base / "project")
-    apply_overrides_to_params(project / "params.yaml", tiny_overrides(source) + list(extra))
+    apply_overrides_to_params(project / "params.yaml", tiny_overrides(source) + LEAN + list(extra))
     return project
 
 
@@ -203,7 +208,7 @@ def test_pipeline_against_an_mlflow_server_seen_over_rest(tmp_path, prefect_serv
         old = os.environ.get("MLFLOW_TRACKING_URI")
         os.environ["MLFLOW_TRACKING_URI"] = url
         try:
-            result = ddpm_pipeline(root=str(project), overrides=tiny_overrides(source))
+            result = ddpm_pipeline(root=str(project), overrides=tiny_overrides(source) + LEAN)
         finally:
             if old is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
