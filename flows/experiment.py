@@ -30,19 +30,16 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60)
 
 
-def has_commit(root: Path) -> bool:
-    return _git(root, "rev-parse", "--verify", "-q", "HEAD").returncode == 0
+def _modified(root: Path) -> list[str] | None:
+    """Tracked files that differ from the commit (None outside a git repository)."""
+    out = _git(root, "status", "--porcelain", "--untracked-files=no", "-z")
+    return [entry[3:] for entry in out.stdout.split("\0") if len(entry) > 3] if out.returncode == 0 else None
 
 
 def git_dirty(root: Path) -> bool | None:
     """Whether tracked files differ from the commit (None outside a git repository)."""
-    out = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
-
-
-def _modified(root: Path) -> list[str]:
-    out = _git(root, "status", "--porcelain", "--untracked-files=no", "-z")
-    return [entry[3:] for entry in out.stdout.split("\0") if len(entry) > 3]
+    modified = _modified(root)
+    return None if modified is None else bool(modified)
 
 
 def recorded_files(root: Path) -> list[str]:
@@ -63,7 +60,7 @@ def recorded_files(root: Path) -> list[str]:
 def snapshot(root: Path) -> dict[str, bytes | None]:
     """The bytes (None: absent) of the files a run may change: tracked files that already differ from the
     commit, params.yaml (also where git does not track it), dvc.lock and the ``cache: false`` outputs."""
-    paths = dict.fromkeys([*_modified(root), "params.yaml", *recorded_files(root)])
+    paths = dict.fromkeys([*(_modified(root) or []), "params.yaml", *recorded_files(root)])
     return {p: (root / p).read_bytes() if (root / p).is_file() else None for p in paths}
 
 
@@ -76,7 +73,7 @@ def restore(root: Path, before: dict[str, bytes | None]) -> list[str]:
             (root / path).unlink(missing_ok=True)
         else:
             (root / path).write_bytes(data)
-    for path in _modified(root):
+    for path in _modified(root) or []:
         if path not in before and _git(root, "checkout", "HEAD", "--", path).returncode != 0:
             problems.append(f"{path}: git checkout failed")
     out = subprocess.run([*DVC, "checkout", "--quiet"], cwd=root, capture_output=True, text=True, timeout=600)

@@ -28,7 +28,7 @@ from ddpm import config as config_mod
 from flows import experiment, tracking, workspace_lock
 from flows.stage_failure import StageFailed, StageTimedOut, classify
 
-STAGES = ("prepare", "train", "sample", "reference", "evaluate")
+STAGES = config_mod.PIPELINE_STAGES
 # Retries per stage. A retried train stage resumes from its newest checkpoint and MLflow run.
 RETRIES = {"prepare": 1, "train": 2, "sample": 1, "reference": 1, "evaluate": 1}
 RETRY_DELAY_S = [5, 30]
@@ -200,7 +200,7 @@ def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: boo
     overrides = list(overrides or [])
     with workspace_lock.hold(root_path, flow_run.name):  # refused at once if another run holds the workspace
         config_mod.load(root_path / "params.yaml", overrides)  # a bad override fails before anything is written
-        recorded = experiment.has_commit(root_path)
+        recorded = tracking.git_commit(root_path) is not None
         before = experiment.snapshot(root_path) if overrides else None  # put back even where nothing is recorded
         name = experiment.experiment_name(flow_run.name) if recorded else None
         try:

@@ -73,7 +73,7 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
     _check_port_free(host, port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
-        cmd += ["--default-artifact-root", (Path(root).resolve() / "mlartifacts").as_uri()]
+        cmd += ["--default-artifact-root", tracking.artifact_root(root)]
     print(f"MLflow UI for {uri}: {_experiment_url(root, f'http://{host}:{port}')}")
     return subprocess.call(cmd)
 

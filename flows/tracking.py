@@ -50,6 +50,11 @@ def project_root(root: str | Path = ".") -> Path:
     return path
 
 
+def artifact_root(root: str | Path = ".") -> str:
+    """Where the embedded SQLite store keeps artifacts: ``mlartifacts/`` beside it in the project root."""
+    return (project_root(root) / "mlartifacts").as_uri()
+
+
 def tracking_uri(root: str | Path = ".") -> str:
     """``MLFLOW_TRACKING_URI`` if set, else an SQLite store ``mlflow.db`` in the project root (absolute)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
@@ -210,7 +215,7 @@ def experiment_id(c, root: str | Path, name: str) -> str:
         return exp.experiment_id
     location = None
     if "MLFLOW_TRACKING_URI" not in os.environ:  # the embedded store keeps artifacts beside it
-        location = (project_root(root) / "mlartifacts").as_uri()
+        location = artifact_root(root)
     return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
