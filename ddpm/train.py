@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from ddpm.train_state import TrainState, restore, to_checkpoint
 from ddpm.unet import build_unet
 
 __all__ = ["TrainResult", "train", "fingerprint", "checkpoint_dir", "learning_rate", "ema_beta",
-           "TrainingOutOfMemoryError"]
+           "TrainingOutOfMemoryError", "TrainingStopped"]
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -57,6 +58,15 @@ _TRAINING_CODE = ("train.py", "unet.py", "schedule.py", "objectives.py", "ema.py
 
 class TrainingOutOfMemoryError(RuntimeError):
     """The device ran out of memory; the message says at which batch size and what to change."""
+
+
+class TrainingStopped(Exception):
+    """Training was asked to stop (``stop`` was set) and did, after writing a checkpoint at ``step``."""
+
+    def __init__(self, step: int, path: str | None):
+        self.step, self.path = step, path
+        super().__init__(f"stopped at step {step}; " + (f"checkpoint {path} written, the next run resumes from it"
+                                                       if path else "no checkpoint (no step was taken)"))
 
 
 @dataclass
@@ -196,11 +206,13 @@ def _explain_out_of_memory(cfg: Config, shape: tuple[int, ...], precision: str, 
 # -- the loop -------------------------------------------------------------------------------------------
 
 def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = None,
-          fresh: bool = False) -> TrainResult:
+          fresh: bool = False, stop: threading.Event | None = None) -> TrainResult:
     """Train to ``cfg.train.steps``, resuming from the latest checkpoint unless ``fresh``.
 
     An exception raised by ``callback`` stops training as a crash would, after the
-    last checkpoint. A ``checkpoint`` event is sent once its file is on disk.
+    last checkpoint. A ``checkpoint`` event is sent once its file is on disk. Once
+    ``stop`` is set, the step in progress ends, a checkpoint is written and
+    :class:`TrainingStopped` is raised (what a SIGTERM handler asks for).
     """
     tc, callback = cfg.train, callback or (lambda event: None)
     device = resolve_device(tc.device)
@@ -228,7 +240,7 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
               f"{channels}x{resolution}x{resolution} ({'on the device' if batches.in_memory else 'memory-mapped'}), "
               f"steps {s.step} -> {tc.steps}")
         elapsed = _loop(s, cfg, batches, schedule, forward, amp_dtype, ckpt_dir, callback,
-                        (channels, resolution, resolution))
+                        (channels, resolution, resolution), stop or threading.Event())
 
     # -- outputs ----------------------------------------------------------------------------------------
     out_dir = Path(tc.out_dir)
@@ -251,8 +263,9 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
 
 
 def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule, forward: Callable, amp_dtype,
-          ckpt_dir: Path, callback: Callback, shape: tuple[int, int, int]) -> float:
-    """Step to ``train.steps`` with maintenance on intervals; returns the seconds spent."""
+          ckpt_dir: Path, callback: Callback, shape: tuple[int, int, int], stop: threading.Event) -> float:
+    """Step to ``train.steps`` with maintenance on intervals, or until ``stop`` is set (then
+    :class:`TrainingStopped`, after a checkpoint); returns the seconds spent."""
     tc = cfg.train
     writer, last_on_disk = checkpoint.BackgroundWriter(), [s.step]
     images_per_step = tc.batch_size * tc.grad_accum_steps
@@ -280,9 +293,10 @@ def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule,
                 steps_in_window += 1
                 bar.update(1)
 
-                # -- maintenance: report, checkpoint ---------------------------------------------------
+                # -- maintenance: report, checkpoint, stop ---------------------------------------------
+                stopping = stop.is_set()
                 log_now = s.step % tc.log_every_steps == 0 or s.step == tc.steps
-                checkpoint_now = s.step % tc.checkpoint_every_steps == 0 or s.step == tc.steps
+                checkpoint_now = s.step % tc.checkpoint_every_steps == 0 or s.step == tc.steps or stopping
                 if not (log_now or checkpoint_now):
                     continue
                 on_disk()
@@ -302,9 +316,12 @@ def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule,
                     callback({"event": "log", **record})
                     s.window_loss.zero_()
                     s.window_n, steps_in_window, t_window = 0, 0, now
-                if checkpoint_now:
+                if checkpoint_now and last_on_disk[0] != s.step:
                     tensors, meta = to_checkpoint(s, ckpt_dir.name)
                     writer.submit(checkpoint.step_path(ckpt_dir, s.step), tensors, meta, tc.keep_checkpoints)
+                if stopping:
+                    on_disk()
+                    raise TrainingStopped(s.step, str(checkpoint.step_path(ckpt_dir, s.step)))
             on_disk()
     finally:
         writer.close()

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ddpm import checkpoint, config
 from ddpm.checkpoint import CheckpointError
 from ddpm.config import TrainConfig
 from ddpm.prepare import content_hash
-from ddpm.train import TrainingOutOfMemoryError, _explain_out_of_memory, checkpoint_dir, ema_beta, learning_rate, train
+from ddpm.train import TrainingOutOfMemoryError, TrainingStopped, _explain_out_of_memory, checkpoint_dir, ema_beta, learning_rate, train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,6 +144,24 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(prepared, tmp_path,
     assert result.resumed_from_step == stop_at
     assert events[0]["event"] == "start" and events[0]["resumed_from_step"] == stop_at
     assert [e["step"] for e in events if e["event"] == "log"] == list(range(stop_at + 2 - stop_at % 2, 13, 2))
+    assert_matches_reference(result, ref)
+
+
+def test_a_stop_request_checkpoints_the_step_in_progress_and_resume_is_bitwise_identical(prepared, tmp_path,
+                                                                                       reference):
+    """What SIGTERM asks of `ddpm train`: stop at step 5, between the checkpoints at 3 and 6, losing no step."""
+    ref = reference("plain")
+    cfg = tiny_cfg(tmp_path)
+    stop = threading.Event()
+    with pytest.raises(TrainingStopped, match=r"stopped at step 5; checkpoint .*step-000000005.safetensors written"):
+        train(cfg, prepared, callback=lambda e: stop.set() if e["event"] == "log" and e["step"] == 4 else None,
+              stop=stop)
+    ckpt_dir = checkpoint_dir(cfg, prepared)
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(ckpt_dir)] == [3, 5]
+    assert not (tmp_path / "models").exists()
+
+    result = train(cfg, prepared)
+    assert result.resumed_from_step == 5
     assert_matches_reference(result, ref)
 
 
