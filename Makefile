@@ -51,8 +51,9 @@ sweep: setup data
 # Operations (see README, "Operations"): a local Prefect server for schedules, and the MLflow UI.
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
+# The UI asks its API at PREFECT_UI_API_URL (else PREFECT_API_URL, which a profile may point at another port).
 prefect-server: setup
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 mlflow-ui: setup
 	$(BIN)/ddpm ui --port $(MLFLOW_PORT)

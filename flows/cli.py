@@ -17,6 +17,7 @@ from ddpm import config as config_mod
 from ddpm.config import Config, ConfigError
 from flows.stage_failure import StageFailed
 from flows.serve import ServerUnavailable
+from flows.signals import Stopped, StopRequest, stop_on_signals
 from flows.workspace_lock import WorkspaceBusy
 
 EXIT_USAGE = 2
@@ -37,14 +38,25 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    """SIGTERM or SIGINT: the step in progress ends, a checkpoint is written, the MLflow run ends KILLED,
+    and the command exits 128 + the signal; the next run resumes from that step in the same MLflow run."""
+    request = StopRequest()
+    with stop_on_signals(graceful=request):
+        _train(args, request)
+
+
+def _train(args, request: StopRequest) -> None:
     from ddpm.prepare import load_manifest
-    from ddpm.train import checkpoint_dir, train
+    from ddpm.train import TrainingStopped, checkpoint_dir, train
     from flows.tracking import write_run_file
 
     cfg = _load(args)
     prepared = cfg.prepare.out_dir
     if not _tracked(args):
-        result = train(cfg, prepared, fresh=args.fresh)
+        try:
+            result = train(cfg, prepared, fresh=args.fresh, stop=request)
+        except TrainingStopped as exc:
+            raise Stopped(request.signum, str(exc)) from None
         summary = _train_summary(result)
         write_run_file(cfg.train.out_dir, {**summary, "run_id": None})
         return
@@ -74,12 +86,15 @@ def cmd_train(args) -> None:
 
     try:
         with tracking.system_metrics(".", run_id, resume=previous is not None):
-            result = train(cfg, prepared, callback=callback, fresh=args.fresh)
+            result = train(cfg, prepared, callback=callback, fresh=args.fresh, stop=request)
         sent = tracking.sync_history(".", run_id, result.history)
         if sent:
             print(f"MLflow: sent {sent} metric points that live logging had missed")
-    except BaseException:
-        tracking.end_run(".", run_id, "FAILED")
+    except TrainingStopped as exc:
+        tracking.end_run(".", run_id, "KILLED")
+        raise Stopped(request.signum, f"{exc} (MLflow run {run_id} KILLED; it continues then)") from None
+    except BaseException as exc:
+        tracking.end_run(".", run_id, "KILLED" if isinstance(exc, (Stopped, KeyboardInterrupt)) else "FAILED")
         raise
     tracking.log_artifacts(".", run_id, [result.loss_csv, args.params])
     tracking.log_metrics(".", run_id, {"train_seconds": round(result.seconds, 1)}, step=result.steps)
@@ -374,14 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_prefect() -> None:
+    import logging
+
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # no "Stopping temporary server" below the reason
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rc = args.fn(args)  # most commands return None (success) or raise; `ui` passes the UI's exit status on
+        with stop_on_signals():  # SIGTERM too unwinds: finally blocks run, children are stopped
+            rc = args.fn(args)  # most commands return None (success) or raise; `ui` passes the UI's exit status on
+    except Stopped as exc:
+        _quiet_prefect()
+        print(f"ddpm {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except StageFailed as exc:  # the stage printed its output above; this is the reason, last on screen
-        import logging
-
-        logging.getLogger("prefect").setLevel(logging.WARNING)  # no "Stopping temporary server" below it
+        _quiet_prefect()
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.deterministic else 1
     except (ConfigError, FileNotFoundError, ValueError, ServerUnavailable, WorkspaceBusy) as exc:

@@ -83,6 +83,26 @@ def restore(root: Path, before: dict[str, bytes | None]) -> list[str]:
     return problems
 
 
+def put_back_outputs(root: Path, stage: str, before: dict[str, bytes | None]) -> tuple[list[str], list[str]]:
+    """After ``stage`` failed or was stopped: DVC deleted its outputs before running it. The files git keeps
+    (``cache: false`` outputs) come back from ``before``, the cached ones from the DVC cache as dvc.lock
+    names them (``dvc checkout --force <stage>``, which also drops a half-written output). Returns what came
+    back and what could not."""
+    restored = []
+    for path, data in before.items():
+        if data is not None and not (root / path).exists():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_bytes(data)
+            restored.append(path)
+    if f"\n  {stage}:\n" not in (before.get("dvc.lock") or b"").decode(errors="replace"):
+        return restored, []  # the stage never finished here: nothing of it to bring back
+    out = subprocess.run([*DVC, "checkout", "--force", stage], cwd=root, capture_output=True, text=True, timeout=600)
+    restored += [ln[1:].strip() for ln in out.stdout.splitlines() if ln[:1] in ("A", "M") and ln[1:2].isspace()]
+    problems = [] if out.returncode == 0 else [
+        "dvc checkout: " + ((out.stderr.strip().splitlines() or ["failed"])[-1])]
+    return restored, problems
+
+
 def save(root: Path, name: str) -> str:
     """``dvc exp save -n name``: the workspace's params, dvc.lock and metrics (also when git does not track
     them yet) as an experiment commit."""

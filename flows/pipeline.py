@@ -17,22 +17,28 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 
 from ddpm import config as config_mod
 from flows import experiment, tracking, workspace_lock
+from flows.signals import Stopped, signal_of
 from flows.stage_failure import StageFailed, StageTimedOut, classify
 
 STAGES = config_mod.PIPELINE_STAGES
 # Retries per stage. A retried train stage resumes from its newest checkpoint and MLflow run.
 RETRIES = {"prepare": 1, "train": 2, "sample": 1, "reference": 1, "evaluate": 1}
 RETRY_DELAY_S = [5, 30]
-STOP_GRACE_S = 30  # a stopped stage gets this long after SIGTERM (training writes its checkpoint), then SIGKILL
+# A stopped stage gets this long after SIGTERM (training writes its checkpoint), then SIGKILL: less than the
+# 30 s a Prefect runner gives a cancelled flow run's process before it kills that in turn.
+STOP_GRACE_S = 20
 
 
 def apply_overrides_to_params(params_path: str | Path, overrides: list[str]) -> None:
@@ -75,20 +81,21 @@ def _retry_unless_deterministic(task, task_run, state) -> bool:
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S, first: int = signal.SIGTERM) -> None:
     """``first`` (SIGTERM) to the stage's process group (DVC, the shell, `ddpm <stage>`), SIGKILL to what is
-    left after ``grace_s``. The stage runs in a session of its own, so nothing of it outlives the flow."""
+    left of it after ``grace_s``. The stage runs in a session of its own, so nothing of it outlives the flow.
+    The whole group is waited for: DVC ends at once on SIGTERM, `ddpm train` first writes its checkpoint."""
     for sig, wait_s in ((first, grace_s), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the group leader is gone; children may not be
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader (DVC); the kernel reparents and reaps the rest
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
 
 def _stream(proc: subprocess.Popen, logger, lines: deque) -> None:
@@ -118,7 +125,8 @@ def _stream(proc: subprocess.Popen, logger, lines: deque) -> None:
 def reproduce_stage(root: str, stage: str, timeout_s: int = 0) -> dict:
     """Bring one DVC stage up to date (``dvc repro --single-item <stage>``), its output streamed into
     the task log; returns whether it ran and how long it took. Raises :class:`StageFailed`, and
-    :class:`StageTimedOut` past ``timeout_s`` (Prefect's task timeout, set from params)."""
+    :class:`StageTimedOut` past ``timeout_s`` (Prefect's task timeout, set from params). Stopped (SIGTERM,
+    Ctrl-C, a cancellation), it stops the stage's processes and ends Cancelled."""
     logger = get_run_logger()
     logger.info("stage %s: checking with DVC", stage)
     t0 = time.perf_counter()
@@ -129,10 +137,16 @@ def reproduce_stage(root: str, stage: str, timeout_s: int = 0) -> dict:
     try:
         _stream(proc, logger, lines)
         proc.wait()
-    except BaseException:  # a timeout, Ctrl-C, SIGTERM, a cancellation: stop the whole stage, then go on raising
+    except BaseException as exc:  # a timeout, Ctrl-C, SIGTERM, a cancellation: stop the whole stage
+        drain = threading.Thread(target=_stream, args=(proc, logger, lines), daemon=True)
+        drain.start()  # what the stage says while it stops ("stopped at step N; checkpoint ... written")
         stop_process_group(proc)
+        drain.join(timeout=5)
         if timeout_s and time.perf_counter() - t0 >= timeout_s - 1:
             raise StageTimedOut(stage, f"pipeline.{stage}_timeout_s", timeout_s) from None
+        signum = signal_of(exc)
+        if signum is not None:  # the task run ends Cancelled (not Crashed), saying so
+            return Cancelled(message=str(Stopped(signum, f"during stage {stage}; " + _resume_hint(stage))))
         raise
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -140,6 +154,20 @@ def reproduce_stage(root: str, stage: str, timeout_s: int = 0) -> dict:
     ran = any(ln.startswith(f"Running stage '{stage}'") for ln in lines)
     logger.info("stage %s: %s in %.1f s", stage, "reproduced" if ran else "up to date, skipped", seconds)
     return {"stage": stage, "ran": ran, "seconds": round(seconds, 1)}
+
+
+def _put_back(root: Path, stage: str, before: dict) -> None:
+    restored, problems = experiment.put_back_outputs(root, stage, before)
+    logger = get_run_logger()
+    if restored:
+        logger.info("stage %s did not finish: its outputs are back as before the run: %s", stage, ", ".join(restored))
+    for problem in problems:
+        logger.warning("stage %s did not finish; putting back its outputs: %s", stage, problem)
+
+
+def _resume_hint(stage: str) -> str:
+    return ("the next pipeline run resumes training from its newest checkpoint, in the same MLflow run"
+            if stage == "train" else "the next pipeline run runs it again")
 
 
 @task(name="push-to-dvc-remote", cache_policy=None, retries=1, retry_delay_seconds=5)
@@ -201,19 +229,27 @@ def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: boo
     with workspace_lock.hold(root_path, flow_run.name):  # refused at once if another run holds the workspace
         config_mod.load(root_path / "params.yaml", overrides)  # a bad override fails before anything is written
         recorded = tracking.git_commit(root_path) is not None
-        before = experiment.snapshot(root_path) if overrides else None  # put back even where nothing is recorded
+        before = experiment.snapshot(root_path)  # what a failed stage or the overrides' undoing puts back
         name = experiment.experiment_name(flow_run.name) if recorded else None
         try:
-            out = _run_stages(root_path, overrides, push, name, str(flow_run.id) if flow_run.id else None)
+            out = _run_stages(root_path, overrides, push, name, str(flow_run.id) if flow_run.id else None, before)
+        except BaseException as exc:  # SIGTERM, Ctrl-C, a cancellation from the UI or API: the run ends Cancelled
+            signum = signal_of(exc)
+            if signum is None:
+                raise
+            stopped = exc if isinstance(exc, Stopped) else Stopped(signum)
+            get_run_logger().warning("%s", stopped)
+            return Cancelled(message=str(stopped))
         finally:
-            if before is not None:  # overrides never outlive their run, failed or not
+            if overrides:  # overrides never outlive their run, failed or not
                 problems = experiment.restore(root_path, before)
                 for problem in problems:
                     get_run_logger().warning("restoring the workspace: %s", problem)
     return out
 
 
-def _run_stages(root: Path, overrides: list[str], push: bool, name: str | None, flow_run_id: str | None) -> dict:
+def _run_stages(root: Path, overrides: list[str], push: bool, name: str | None, flow_run_id: str | None,
+                before: dict) -> dict:
     params = root / "params.yaml"
     apply_overrides_to_params(params, overrides)
     cfg = config_mod.load(params)
@@ -232,7 +268,19 @@ def _run_stages(root: Path, overrides: list[str], push: bool, name: str | None, 
         limit = cfg.pipeline.timeout_s(stage) or None
         task_fn = reproduce_stage.with_options(retries=RETRIES[stage], retry_delay_seconds=RETRY_DELAY_S,
                                                timeout_seconds=limit)
-        results.append(task_fn(str(root), stage, limit or 0))
+        try:
+            state = task_fn(str(root), stage, limit or 0, return_state=True)
+            if state.is_cancelled():  # the task stopped the stage and said why
+                raise Stopped.from_message(state.message or "")
+            results.append(state.result())  # raises what failed the stage
+        except BaseException as exc:  # DVC deleted the stage's outputs before running it: bring them back
+            _put_back(root, stage, before)
+            if isinstance(exc, Stopped):
+                raise
+            signum = signal_of(exc)
+            if signum is not None:
+                raise Stopped(signum, f"during stage {stage}; " + _resume_hint(stage)) from None
+            raise
     pushed = push_outputs(str(root)) if push else 0
     saved = None
     if name and any(r["ran"] for r in results):
@@ -257,4 +305,7 @@ def run_pipeline(root: str = ".", params: str = "params.yaml", overrides: list[s
                                      f"--params {params} is not supported here")
     config_mod.load(params, overrides)
     with workspace_lock.hold(root):  # a busy workspace is refused before a Prefect server starts
-        return ddpm_pipeline(root=root, overrides=overrides or [])
+        try:
+            return ddpm_pipeline(root=root, overrides=overrides or [])
+        except CancelledRun as exc:  # the flow run ended Cancelled: say why, and exit as the signal would
+            raise Stopped.from_message(str(exc)) from None

@@ -220,7 +220,7 @@ def experiment_id(c, root: str | Path, name: str) -> str:
 
 
 def end_run(root: str | Path, run_id: str, status: str) -> None:
-    """Mark a run FINISHED or FAILED; best effort, since this runs on the way out of an error."""
+    """Mark a run FINISHED, FAILED or KILLED; best effort, since this runs on the way out of an error."""
     try:
         client(root).set_terminated(run_id, status)
     except Exception as exc:

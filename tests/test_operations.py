@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from flows.pipeline import apply_overrides_to_params
-from tests.conftest import make_project, run, write_fashion_idx
+from tests.conftest import PROJECT_ROOT, make_project, run, write_fashion_idx
 from tests.test_pipeline import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -123,15 +123,19 @@ def tiny_project(base: Path, extra: list[str] = ()) -> Path:
 
 @pytest.fixture
 def prefect_api(tmp_path):
+    """`make prefect-server PREFECT_PORT=<a free port>` (the README's command), this environment as the venv,
+    with a profile whose PREFECT_API_URL names another port (the UI must still ask its own)."""
     port = free_port()
     home = tmp_path / "prefect_home"
     home.mkdir()
     log = tmp_path / "prefect_server.log"
-    proc = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log,
-                 env=base_env(PREFECT_HOME=str(home)))
+    venv = Path(sys.prefix)
+    proc = spawn(["make", "-s", "-C", str(PROJECT_ROOT), "prefect-server", f"PREFECT_PORT={port}", f"VENV={venv}",
+                  "-o", f"{venv}/bin/ddpm"], log,
+                 env=base_env(PREFECT_HOME=str(home), PREFECT_API_URL="http://127.0.0.1:4200/api"))
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", proc, 90, log)
-        yield {"api": f"http://127.0.0.1:{port}/api", "home": home, "log": log}
+        yield {"api": f"http://127.0.0.1:{port}/api", "ui": f"http://127.0.0.1:{port}", "home": home, "log": log}
     finally:
         stop(proc, signal.SIGINT)
 
@@ -144,11 +148,24 @@ def _flow_runs(api: str, deployment_id: str) -> list[dict]:
     return r.json()
 
 
+SERVED_STEPS = 600  # checkpointed only at the end: a checkpoint before it is the one the cancellation wrote
+
+
 def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path):
-    project = tiny_project(tmp_path)
+    """`ddpm serve` against `make prefect-server`: the first scheduled run is cancelled through the API while it
+    trains (Cancelled, training checkpointed, its MLflow run KILLED, nothing of it left running); the next
+    resumes it and completes, the one after finds everything up to date; runs due meanwhile are cancelled by
+    the deployment's limit, not queued; the UI on that port shows the cancelled flow run."""
+    from mlflow import MlflowClient
+
+    from tests.test_stopping import processes_in
+
+    project = tiny_project(tmp_path, [f"train.steps={SERVED_STEPS}", f"train.checkpoint_every_steps={SERVED_STEPS}",
+                                      "train.log_every_steps=50", "train.mixed_precision=fp32"])
     api = prefect_api["api"]
     log = tmp_path / "serve.log"
-    env = base_env(PREFECT_API_URL=api, PREFECT_HOME=str(prefect_api["home"]),
+    mlflow = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    env = base_env(PREFECT_API_URL=api, PREFECT_HOME=str(prefect_api["home"]), OMP_NUM_THREADS="1",
                    MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
     serve = spawn([DDPM, "serve", "--interval", "10", "--name", "test"], log, cwd=project, env=env)
     try:
@@ -161,6 +178,28 @@ def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path)
             time.sleep(1)
         assert dep is not None, f"deployment ddpm-pipeline/test never appeared:\n{tail(log)}"
 
+        # cancel the first run while it trains, as the UI's Cancel button does
+        deadline = time.monotonic() + 180
+        while f"steps 0 -> {SERVED_STEPS}" not in log.read_text(errors="replace"):
+            assert serve.poll() is None and time.monotonic() < deadline, f"training never started:\n{tail(log)}"
+            time.sleep(0.5)
+        time.sleep(1)
+        [first] = [r for r in _flow_runs(api, dep["id"]) if r["state_type"] == "RUNNING"]
+        r = httpx.post(f"{api}/flow_runs/{first['id']}/set_state", timeout=10,
+                       json={"state": {"type": "CANCELLING", "message": "cancelled by the test"}, "force": True})
+        assert r.status_code in (200, 201), r.text
+        deadline = time.monotonic() + 90
+        while (state := httpx.get(f"{api}/flow_runs/{first['id']}", timeout=10).json()["state"])["type"] != "CANCELLED":
+            assert time.monotonic() < deadline, f"flow run still {state['type']} 90 s after Cancel:\n{tail(log, 8000)}"
+            time.sleep(0.5)
+        left = [c for c in processes_in(project) if "ddpm train" in c or "dvc" in c]
+        assert left == [], left  # the stage stopped with its flow run
+        [killed] = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()])
+        assert killed.info.status == "KILLED"
+        [stop_step] = [int(p.name[5:14]) for p in (project / "checkpoints").rglob("step-*.safetensors")]
+        assert 0 < stop_step < SERVED_STEPS
+        assert f"stopped at step {stop_step}; checkpoint " in log.read_text(errors="replace")
+
         completed: list[dict] = []
         deadline = time.monotonic() + 240
         while len(completed) < 2 and time.monotonic() < deadline:
@@ -170,21 +209,19 @@ def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path)
             assert not failed, f"flow run {failed[0]['name']} {failed[0]['state_type']}:\n{tail(log, 8000)}"
             completed = [r for r in runs if r["state_type"] == "COMPLETED"]
             time.sleep(2)
-        assert completed, f"no scheduled flow run completed within 240 s:\n{tail(log, 8000)}"
-        assert len(completed) >= 2, f"only one scheduled flow run completed within 240 s:\n{tail(log, 8000)}"
+        assert len(completed) >= 2, f"{len(completed)} scheduled flow runs completed within 240 s:\n{tail(log, 8000)}"
         durations = [r["total_run_time"] for r in completed]
-        walls = [(datetime.fromisoformat(r["end_time"]) - datetime.fromisoformat(r["start_time"])).total_seconds()
-                 for r in completed]
-        print(f"\nscheduled flow runs, total_run_time (start->end wall) in s: first {durations[0]:.1f} "
-              f"({walls[0]:.1f}), no-change {durations[1]:.1f} ({walls[1]:.1f})")
-        # the first run trained and registered a model; the second found everything up to date
-        assert (project / "models" / "model.safetensors").exists()
+        print(f"\nscheduled flow runs, total_run_time in s: resumed {durations[0]:.1f}, no-change {durations[1]:.1f}")
+        # the resumed run finished training in the cancelled run's MLflow run; the next found everything up to date
         text = log.read_text(errors="replace")
-        assert text.count("stage train: reproduced") == 1, tail(log, 8000)
+        assert text.count("stage train: reproduced") == 1 and f"at step {stop_step}" in text, tail(log, 8000)
         for stage in ("prepare", "train", "sample", "reference", "evaluate"):
             assert f"stage {stage}: up to date, skipped" in text, tail(log, 8000)
         assert durations[1] < durations[0]
-        # runs due while the first trained (every 10 s) were cancelled by the deployment's limit, not queued
+        runs = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()])
+        assert [(r.info.run_id, r.info.status) for r in runs] == [(killed.info.run_id, "FINISHED")]
+        assert [v.run_id for v in mlflow.search_model_versions()] == [killed.info.run_id]
+        # runs due while another ran (every 10 s) were cancelled by the deployment's limit, not queued
         runs = _flow_runs(api, dep["id"])
         first_end = datetime.fromisoformat(completed[0]["end_time"])
         overlapped = [r for r in runs if datetime.fromisoformat(r["expected_start_time"]) < first_end
@@ -194,6 +231,20 @@ def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path)
         assert sum(r["state_name"] == "Late" for r in runs) <= 1, [(r["name"], r["state_name"]) for r in runs]
     finally:
         stop(serve, signal.SIGINT, grace_s=20)
+    page = chromium_dom(f"{prefect_api['ui']}/runs/flow-run/{first['id']}", tmp_path / "chromium")
+    assert first["name"] in page and "Cancelled" in page and "Oops" not in page, page[-3000:]
+
+
+def chromium_dom(url: str, profile: Path) -> str:
+    """The page's DOM after its scripts ran, in headless Chromium (what a user's browser shows)."""
+    from tests.test_pipeline import CHROMIUM
+
+    if CHROMIUM is None:
+        pytest.skip("needs Chromium (Debian: apt-get install chromium)")
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+           "--virtual-time-budget=20000", "--dump-dom", url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=base_env()).stdout
 
 
 # --- 2. the pipeline logging to an MLflow tracking server, checked over REST ----------------------

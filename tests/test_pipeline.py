@@ -291,7 +291,7 @@ def test_ddpm_ui_shows_the_pipeline_run_with_its_metrics_and_sample_grid(pipelin
     """What a user opens after `make run`: `ddpm ui`, the run's page and its sample grid, in headless Chromium."""
     import httpx
 
-    from tests.test_operations import base_env, free_port, spawn, stop, tail
+    from tests.test_operations import base_env, chromium_dom, free_port, spawn, stop, tail
 
     project, run_id = pipeline_run["project"], pipeline_run["first"]["run"]["run_id"]
     port, log = free_port(), tmp_path / "ui.log"
@@ -309,12 +309,8 @@ def test_ddpm_ui_shows_the_pipeline_run_with_its_metrics_and_sample_grid(pipelin
         exp_id = httpx.get(f"{base}/api/2.0/mlflow/runs/get", params={"run_id": run_id}).json()["run"]["info"]["experiment_id"]
 
         def dom(fragment: str) -> str:
-            cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                   "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium'}",
-                   "--virtual-time-budget=20000", "--dump-dom",
-                   f"{base}/#/experiments/{exp_id}/runs/{run_id}{fragment}?workflowType=machine_learning"]
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=base_env()).stdout
+            return chromium_dom(f"{base}/#/experiments/{exp_id}/runs/{run_id}{fragment}?workflowType=machine_learning",
+                                tmp_path / "chromium")
 
         printed = f"{base}/#/experiments/{exp_id}?workflowType=machine_learning"  # the model-training view
         assert printed in log.read_text(), tail(log)

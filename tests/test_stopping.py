@@ -1,9 +1,11 @@
-"""A stage past its time limit is stopped with everything it started; a second run on a busy workspace is
-refused. Real `ddpm pipeline` processes, a real DVC project, the process table read from /proc."""
+"""A stopped run stops all of it: a stage past its time limit, Ctrl-C and SIGTERM each stop the stage with
+everything it started, training writes a checkpoint first, the next run resumes; a second run on a busy
+workspace is refused. Real `ddpm pipeline` processes, a real DVC project, the process table read from /proc."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,21 +41,67 @@ def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout_s: float) ->
         time.sleep(0.5)
 
 
-def test_a_stage_timeout_stops_the_stage_and_a_busy_workspace_is_refused(tmp_path):
+def checkpoint_steps(project: Path) -> list[int]:
+    return sorted(int(p.name[5:14]) for p in (project / "checkpoints").rglob("step-*.safetensors"))
+
+
+def train_runs(project: Path) -> list:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return c.search_runs([e.experiment_id for e in c.search_experiments()])
+
+
+def assert_stopped_cleanly(project: Path, log: Path, committed_loss: str, steps_before: list[int]) -> int:
+    """Nothing of the run left running, the train run KILLED, a checkpoint at the step it stopped (not a
+    periodic one), the committed loss curve and params back. Returns that step."""
+    time.sleep(1)
+    assert processes_in(project) == [], log.read_text()[-3000:]  # DVC, `ddpm train`, the temporary Prefect server
+    steps = checkpoint_steps(project)
+    assert len(steps) == len(steps_before) + 1 and steps[-1] > max(steps_before, default=0), (steps, steps_before)
+    assert steps[-1] < STEPS and steps[-1] % STEPS != 0
+    assert f"stopped at step {steps[-1]}; checkpoint " in log.read_text()  # the stage's own line, in the task log
+    assert [r.info.status for r in train_runs(project)] == ["KILLED"]
+    assert (project / "metrics" / "train_loss.csv").read_text() == committed_loss  # DVC had deleted it
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], project).stdout == ""
+    from flows import workspace_lock
+
+    with workspace_lock.hold(project):  # the lock went with the run
+        pass
+    return steps[-1]
+
+
+STEPS = 800  # checkpointed only at the end: every checkpoint before it is one a stop wrote
+
+
+def test_a_timeout_sigint_and_sigterm_each_stop_the_whole_run_and_the_next_run_resumes(tmp_path):
+    """Stopped three ways during training, then run to the end: one MLflow run, one registered version."""
     project = make_project(tmp_path / "project")
     from flows.pipeline import apply_overrides_to_params
 
-    apply_overrides_to_params(project / "params.yaml", tiny_overrides(write_fashion_idx(tmp_path / "fashion")))
-    run(["git", "commit", "-qam", "tiny params"], project)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    log = tmp_path / "first.log"
-    with open(log, "w") as out:
-        first = subprocess.Popen([DDPM, "pipeline", "-S", "train.steps=1000000", "-S", "pipeline.train_timeout_s=20"],
-                                 cwd=project, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        wait_for(log, "Running stage 'train'", first, timeout_s=180)
+    apply_overrides_to_params(project / "params.yaml", tiny_overrides(write_fashion_idx(tmp_path / "fashion")) + [
+        f"train.steps={STEPS}", f"train.checkpoint_every_steps={STEPS}", "train.log_every_steps=50",
+        "train.mixed_precision=fp32", "evaluate.inception=false", "evaluate.compare_samplers=[]"])
+    committed_loss = "step,loss,lr\n0,1.0,0.0\n"  # a loss curve from an earlier run, committed with the project
+    (project / "metrics").mkdir(exist_ok=True)
+    (project / "metrics" / "train_loss.csv").write_text(committed_loss)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "tiny params"], project)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
 
-        # a second run while the first trains: refused at once, naming the first
+    def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"{name}.log"
+        with open(log, "w") as out:
+            return subprocess.Popen([DDPM, "pipeline", *args], cwd=project, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env), log
+
+    def last_line(log: Path) -> str:
+        return log.read_text().strip().splitlines()[-1]
+
+    # 1. a stage time limit; meanwhile a second run is refused at once, naming the first
+    first, log = start("timeout", "-S", "pipeline.train_timeout_s=18")
+    try:
+        wait_for(log, f"steps 0 -> {STEPS}", first, timeout_s=180)
         t0 = time.monotonic()
         second = subprocess.run([DDPM, "pipeline"], cwd=project, capture_output=True, text=True, env=env, timeout=120)
         assert second.returncode == 2, second.stderr[-2000:]
@@ -61,21 +109,41 @@ def test_a_stage_timeout_stops_the_stage_and_a_busy_workspace_is_refused(tmp_pat
         assert last.startswith(f"ddpm pipeline: error: {project} is busy: flow run '"), last
         assert f"(PID {first.pid} on " in last and "One run at a time per workspace" in last, last
         assert time.monotonic() - t0 < 30 and "Starting temporary server" not in second.stderr
-
         assert first.wait(timeout=120) == 2, log.read_text()[-3000:]
     finally:
         if first.poll() is None:
             first.kill()
-    text = log.read_text()
-    assert text.strip().splitlines()[-1] == (
-        "ddpm pipeline: error: stage train failed (timed out, not retried): stopped after 20 s, the limit "
-        "pipeline.train_timeout_s (raise it in params.yaml, or 0 for none)"), text[-3000:]
-    assert text.count("Running stage 'train'") == 1  # a timeout is not retried
-    time.sleep(1)
-    assert processes_in(project) == []  # DVC, the shell and `ddpm train` all stopped with it
-    assert run(["git", "status", "--porcelain", "--untracked-files=no"], project).stdout == ""  # overrides undone
-    # the lock went with the first run: the workspace is free again
-    from flows import workspace_lock
+    assert last_line(log) == (
+        "ddpm pipeline: error: stage train failed (timed out, not retried): stopped after 18 s, the limit "
+        "pipeline.train_timeout_s (raise it in params.yaml, or 0 for none)"), log.read_text()[-3000:]
+    assert log.read_text().count("Running stage 'train'") == 1  # a timeout is not retried
+    stopped = [assert_stopped_cleanly(project, log, committed_loss, [])]
 
-    with workspace_lock.hold(project):
-        pass
+    # 2. Ctrl-C (SIGINT), then 3. SIGTERM, each while the resumed training runs
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        proc, log = start(sig.name)
+        try:
+            wait_for(log, f"steps {stopped[-1]} -> {STEPS}", proc, timeout_s=180)
+            time.sleep(1)
+            proc.send_signal(sig)
+            assert proc.wait(timeout=60) == code, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert last_line(log) == (
+            f"ddpm pipeline: stopped by {sig.name}: during stage train; the next pipeline run resumes training "
+            "from its newest checkpoint, in the same MLflow run"), log.read_text()[-3000:]
+        assert f"Finished in state Cancelled('stopped by {sig.name}" in log.read_text()  # the flow run
+        stopped.append(assert_stopped_cleanly(project, log, committed_loss, stopped))
+
+    # 4. to the end: the same MLflow run goes on from the last stop's checkpoint
+    done = subprocess.run([DDPM, "pipeline"], cwd=project, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert f"at step {stopped[-1]}" in done.stdout + done.stderr
+    runs = train_runs(project)
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").search_model_versions()
+    assert [v.run_id for v in versions] == [runs[0].info.run_id]
+    assert (project / "metrics" / "train_loss.csv").read_text() != committed_loss
