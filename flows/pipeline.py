@@ -138,13 +138,13 @@ def reproduce_stage(root: str, stage: str, timeout_s: int = 0) -> dict:
         _stream(proc, logger, lines)
         proc.wait()
     except BaseException as exc:  # a timeout, Ctrl-C, SIGTERM, a cancellation: stop the whole stage
+        signum, elapsed = signal_of(exc), time.perf_counter() - t0
         drain = threading.Thread(target=_stream, args=(proc, logger, lines), daemon=True)
         drain.start()  # what the stage says while it stops ("stopped at step N; checkpoint ... written")
         stop_process_group(proc)
         drain.join(timeout=5)
-        if timeout_s and time.perf_counter() - t0 >= timeout_s - 1:
+        if timeout_s and signum is None and (isinstance(exc, TimeoutError) or elapsed >= timeout_s - 1):
             raise StageTimedOut(stage, f"pipeline.{stage}_timeout_s", timeout_s) from None
-        signum = signal_of(exc)
         if signum is not None:  # the task run ends Cancelled (not Crashed), saying so
             return Cancelled(message=str(Stopped(signum, f"during stage {stage}; " + _resume_hint(stage))))
         raise

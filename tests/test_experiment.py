@@ -73,3 +73,15 @@ def test_a_failed_save_names_dvcs_error(repo):
     experiment.save(repo, "twice")
     with pytest.raises(RuntimeError, match=r"dvc exp save -n twice failed: ERROR: .*twice"):
         experiment.save(repo, "twice")
+
+
+def test_the_outputs_of_a_stage_that_did_not_finish_come_back(repo):
+    """DVC deletes a stage's outputs before running it; after a failed or stopped run the cached one comes
+    back from the cache (a half-written file replaced) and the committed uncached one from the snapshot."""
+    before = experiment.snapshot(repo)
+    (repo / "out.txt").write_text("half written")
+    (repo / "m.json").unlink()
+    restored, problems = experiment.put_back_outputs(repo, "s", before)
+    assert problems == [] and sorted(restored) == ["m.json", "out.txt"], (restored, problems)
+    assert (repo / "out.txt").read_text() == "1" and json.loads((repo / "m.json").read_text()) == {"m": 10}
+    assert sh(["git", "status", "--porcelain"], repo) == ""

@@ -45,10 +45,16 @@ def checkpoint_steps(project: Path) -> list[int]:
     return sorted(int(p.name[5:14]) for p in (project / "checkpoints").rglob("step-*.safetensors"))
 
 
-def train_runs(project: Path) -> list:
+def project_mlflow(project: Path):
+    """A client of the project's store and registry (named: an earlier test may have set MLflow's default)."""
     from mlflow import MlflowClient
 
-    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def train_runs(project: Path) -> list:
+    c = project_mlflow(project)
     return c.search_runs([e.experiment_id for e in c.search_experiments()])
 
 
@@ -142,8 +148,6 @@ def test_a_timeout_sigint_and_sigterm_each_stop_the_whole_run_and_the_next_run_r
     assert f"at step {stopped[-1]}" in done.stdout + done.stderr
     runs = train_runs(project)
     assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
-    from mlflow import MlflowClient
-
-    versions = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").search_model_versions()
+    versions = project_mlflow(project).search_model_versions()
     assert [v.run_id for v in versions] == [runs[0].info.run_id]
     assert (project / "metrics" / "train_loss.csv").read_text() != committed_loss
