@@ -29,7 +29,7 @@ from prefect.states import Cancelled
 
 from ddpm import config as config_mod
 from flows import experiment, tracking, workspace_lock
-from flows.signals import Stopped, signal_of
+from flows.signals import Stopped, signal_of, stop_process_group
 from flows.stage_failure import StageFailed, StageTimedOut, classify
 
 STAGES = config_mod.PIPELINE_STAGES
@@ -79,25 +79,6 @@ def _retry_unless_deterministic(task, task_run, state) -> bool:
     return not (isinstance(state.data, StageFailed) and state.data.deterministic)
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S, first: int = signal.SIGTERM) -> None:
-    """``first`` (SIGTERM) to the stage's process group (DVC, the shell, `ddpm <stage>`), SIGKILL to what is
-    left of it after ``grace_s``. The stage runs in a session of its own, so nothing of it outlives the flow.
-    The whole group is waited for: DVC ends at once on SIGTERM, `ddpm train` first writes its checkpoint."""
-    for sig, wait_s in ((first, grace_s), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader (DVC); the kernel reparents and reaps the rest
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-
-
 def _stream(proc: subprocess.Popen, logger, lines: deque) -> None:
     """The stage's output into the Prefect task log (which Prefect also prints here): every finished
     line, and a progress bar's state every 15 s rather than every redraw."""
@@ -141,7 +122,7 @@ def reproduce_stage(root: str, stage: str, timeout_s: int = 0) -> dict:
         signum, elapsed = signal_of(exc), time.perf_counter() - t0
         drain = threading.Thread(target=_stream, args=(proc, logger, lines), daemon=True)
         drain.start()  # what the stage says while it stops ("stopped at step N; checkpoint ... written")
-        stop_process_group(proc)
+        stop_process_group(proc, STOP_GRACE_S)
         drain.join(timeout=5)
         if timeout_s and signum is None and (isinstance(exc, TimeoutError) or elapsed >= timeout_s - 1):
             raise StageTimedOut(stage, f"pipeline.{stage}_timeout_s", timeout_s) from None

@@ -8,11 +8,13 @@ pipeline flow with the schedule and runs its flow runs in this process.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from flows import tracking
+from flows.signals import stop_process_group
 
 
 class ServerUnavailable(RuntimeError):
@@ -75,7 +77,11 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
     if uri.startswith("sqlite:"):
         cmd += ["--default-artifact-root", tracking.artifact_root(root)]
     print(f"MLflow UI for {uri}: {_experiment_url(root, f'http://{host}:{port}')}")
-    return subprocess.call(cmd)
+    ui = subprocess.Popen(cmd, start_new_session=True)  # its server and workers: one group, stopped together
+    try:
+        return ui.wait()
+    finally:  # Ctrl-C, SIGTERM
+        stop_process_group(ui, grace_s=10, first=signal.SIGINT)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -4,14 +4,18 @@ Python's default SIGTERM ends the process on the spot: no ``finally``, no ``atex
 server), children left running. Inside :func:`stop_on_signals` a first SIGTERM or SIGINT either raises
 :class:`Stopped` where the main thread is, or, given ``graceful``, only sets that event so long work can stop
 at a safe point (training writes a checkpoint first); a second signal raises at once.
+:func:`stop_process_group` stops a child's whole process group, so nothing it started outlives the command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -80,3 +84,23 @@ def stop_on_signals(graceful: StopRequest | None = None) -> Iterator[StopRequest
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float, first: int = signal.SIGTERM) -> None:
+    """``first`` (SIGTERM) to the process group ``proc`` leads (started with ``start_new_session``: a stage's
+    DVC, shell and `ddpm <stage>`; a server and its workers), SIGKILL to what is left of it after ``grace_s``.
+    The whole group is waited for, not only its leader: DVC ends at once on SIGTERM, while `ddpm train`
+    first writes its checkpoint."""
+    for sig, wait_s in ((first, grace_s), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader (DVC); the kernel reparents and reaps the rest
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)

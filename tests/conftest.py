@@ -101,3 +101,12 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def prefect_api_url(prefect_server) -> str:
+    """The session's Prefect server, for `ddpm pipeline` subprocesses that need not test their own temporary
+    server (PREFECT_API_URL in their environment: no server start of several seconds each)."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url

@@ -68,7 +68,7 @@ def tail(path: Path, n: int = 4000) -> str:
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 15) -> None:
     """Stop a process we started with its process group: ``sig``, then SIGKILL to whatever is left."""
-    from flows.pipeline import stop_process_group
+    from flows.signals import stop_process_group
 
     if proc.poll() is None:
         stop_process_group(proc, grace_s, first=sig)
@@ -148,14 +148,15 @@ def _flow_runs(api: str, deployment_id: str) -> list[dict]:
     return r.json()
 
 
-SERVED_STEPS = 600  # checkpointed only at the end: a checkpoint before it is the one the cancellation wrote
+SERVED_STEPS = 400  # checkpointed only at the end: a checkpoint before it is the one the cancellation wrote
 
 
 def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path):
     """`ddpm serve` against `make prefect-server`: the first scheduled run is cancelled through the API while it
     trains (Cancelled, training checkpointed, its MLflow run KILLED, nothing of it left running); the next
-    resumes it and completes, the one after finds everything up to date; runs due meanwhile are cancelled by
-    the deployment's limit, not queued; the UI on that port shows the cancelled flow run."""
+    resumes it and completes (one MLflow run, one version); runs due meanwhile are cancelled by the
+    deployment's limit, not queued; the UI on that port shows the cancelled flow run. (A second run with
+    unchanged inputs skipping every stage: tests/test_pipeline.py.)"""
     from tests.test_stopping import processes_in, project_mlflow
 
     project = tiny_project(tmp_path, [f"train.steps={SERVED_STEPS}", f"train.checkpoint_every_steps={SERVED_STEPS}",
@@ -200,22 +201,19 @@ def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path)
 
         completed: list[dict] = []
         deadline = time.monotonic() + 240
-        while len(completed) < 2 and time.monotonic() < deadline:
+        while not completed and time.monotonic() < deadline:
             assert serve.poll() is None, f"ddpm serve exited ({serve.returncode}):\n{tail(log)}"
             runs = _flow_runs(api, dep["id"])
             failed = [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")]
             assert not failed, f"flow run {failed[0]['name']} {failed[0]['state_type']}:\n{tail(log, 8000)}"
             completed = [r for r in runs if r["state_type"] == "COMPLETED"]
             time.sleep(2)
-        assert len(completed) >= 2, f"{len(completed)} scheduled flow runs completed within 240 s:\n{tail(log, 8000)}"
-        durations = [r["total_run_time"] for r in completed]
-        print(f"\nscheduled flow runs, total_run_time in s: resumed {durations[0]:.1f}, no-change {durations[1]:.1f}")
-        # the resumed run finished training in the cancelled run's MLflow run; the next found everything up to date
+        assert completed, f"no scheduled flow run completed within 240 s:\n{tail(log, 8000)}"
+        print(f"\nthe resumed scheduled flow run: total_run_time {completed[0]['total_run_time']:.1f} s")
+        # it skipped what the cancelled run had done and finished training in that run's MLflow run
         text = log.read_text(errors="replace")
         assert text.count("stage train: reproduced") == 1 and f"at step {stop_step}" in text, tail(log, 8000)
-        for stage in ("prepare", "train", "sample", "reference", "evaluate"):
-            assert f"stage {stage}: up to date, skipped" in text, tail(log, 8000)
-        assert durations[1] < durations[0]
+        assert "stage prepare: up to date, skipped" in text, tail(log, 8000)
         runs = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()])
         assert [(r.info.run_id, r.info.status) for r in runs] == [(killed.info.run_id, "FINISHED")]
         assert [v.run_id for v in mlflow.search_model_versions()] == [killed.info.run_id]
@@ -247,14 +245,16 @@ def chromium_dom(url: str, profile: Path) -> str:
 
 # --- 2. the pipeline against an MLflow tracking server that restarts while it trains ---------------
 
-def test_the_pipeline_against_an_mlflow_server_that_restarts_while_training(tmp_path):
+def test_the_pipeline_against_an_mlflow_server_that_restarts_while_training(tmp_path, prefect_api_url):
     """`ddpm pipeline` logging to a tracking server that is killed at the first checkpoint and started again:
     training goes on (or the flow's retry resumes it), and the server's REST API shows one finished run with
     every loss point, the registered version and its champion alias."""
     project = tiny_project(tmp_path, ["train.steps=40", "train.log_every_steps=2", "train.checkpoint_every_steps=5",
                                       "train.keep_checkpoints=20"])
     with mlflow_server(tmp_path / "mlflow") as server:
-        env = base_env(MLFLOW_TRACKING_URI=server["url"], OMP_NUM_THREADS="1")
+        # MLflow's HTTP retries 1, 2, 4, 8 s apart (the default factor 2 waits up to 16 s past the restart)
+        env = base_env(MLFLOW_TRACKING_URI=server["url"], OMP_NUM_THREADS="1", PREFECT_API_URL=prefect_api_url,
+                       MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
         log = tmp_path / "pipeline.log"
         pipeline = spawn([DDPM, "pipeline"], log, cwd=project, env=env)
         t0 = time.monotonic()

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,7 +59,8 @@ def pipeline_run(tmp_path_factory, prefect_server):
     second = ddpm_pipeline(root=str(project))
     lock = (project / "dvc.lock").read_text()
     samples = (project / "samples" / "samples.npz").read_bytes()
-    third = ddpm_pipeline(root=str(project), overrides=["sample.seed=1"])  # for this run only
+    # for this run only (no sampler comparison: the first run's metrics check it; seconds here)
+    third = ddpm_pipeline(root=str(project), overrides=["sample.seed=1", "evaluate.compare_samplers=[]"])
     yield {"project": project, "source": source, "first": first, "second": second, "third": third, "ckpts": ckpts,
            "mtimes": mtimes, "uri": uri, "base": base, "committed": committed, "lock": lock, "samples": samples}
     for k, v in old.items():
@@ -240,13 +242,13 @@ def test_stage_output_reaches_the_prefect_task_log(pipeline_run):
     assert any(log.task_run_id is not None and "trained to step 6" in log.message for log in logs)
 
 
-def test_a_deterministic_stage_failure_is_not_retried_and_its_reason_is_the_last_line(tmp_path, prefect_server):
+def test_a_deterministic_stage_failure_is_not_retried_and_its_reason_is_the_last_line(tmp_path, prefect_api_url):
     project = make_project(tmp_path / "project")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "PREFECT_API_URL": prefect_api_url}
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["prepare"]["source_path"] = str(tmp_path / "no-such-folder")  # DVC refuses before the command
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run([DDPM, "pipeline"], project, check=False,
-              env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"})
+    out = run([DDPM, "pipeline"], project, check=False, env=env)
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2, out.stderr[-2000:]
     assert last.startswith("ddpm pipeline: error: stage prepare failed (DVC did not run it, not retried): "
@@ -258,8 +260,7 @@ def test_a_deterministic_stage_failure_is_not_retried_and_its_reason_is_the_last
     params["prepare"].update(source_path=str(write_fashion_idx(tmp_path / "fashion")), resolution=16)
     params["train"]["batch_size"] = 100_000
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run([DDPM, "pipeline"], project, check=False,
-              env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"})
+    out = run([DDPM, "pipeline"], project, check=False, env=env)
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2, out.stderr[-2000:]
     assert last.startswith("ddpm pipeline: error: stage train failed (exit 2, not retried): ddpm train: error: "), last
@@ -323,3 +324,6 @@ def test_ddpm_ui_shows_the_pipeline_run_with_its_metrics_and_sample_grid(pipelin
         assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         stop(ui, signal.SIGINT, grace_s=10)
+    with socket.socket() as s:  # Ctrl-C to `ddpm ui` stopped the MLflow server it started: the port is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
