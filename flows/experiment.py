@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 DVC = [sys.executable, "-m", "dvc"]
 
 
@@ -76,10 +78,9 @@ def restore(root: Path, before: dict[str, bytes | None]) -> list[str]:
     for path in _modified(root) or []:
         if path not in before and _git(root, "checkout", "HEAD", "--", path).returncode != 0:
             problems.append(f"{path}: git checkout failed")
-    out = subprocess.run([*DVC, "checkout", "--quiet"], cwd=root, capture_output=True, text=True, timeout=600)
+    out = _dvc_checkout(root, "--quiet")
     if out.returncode != 0:
-        problems.append("dvc checkout: " + (out.stderr.strip().splitlines() or ["failed"])[-1]
-                        + " (the next `ddpm pipeline` rebuilds what is missing)")
+        problems.append(_checkout_problem(out) + " (the next `ddpm pipeline` rebuilds what is missing)")
     return problems
 
 
@@ -94,13 +95,19 @@ def put_back_outputs(root: Path, stage: str, before: dict[str, bytes | None]) ->
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_bytes(data)
             restored.append(path)
-    if f"\n  {stage}:\n" not in (before.get("dvc.lock") or b"").decode(errors="replace"):
+    if stage not in (yaml.safe_load(before.get("dvc.lock") or b"") or {}).get("stages", {}):
         return restored, []  # the stage never finished here: nothing of it to bring back
-    out = subprocess.run([*DVC, "checkout", "--force", stage], cwd=root, capture_output=True, text=True, timeout=600)
+    out = _dvc_checkout(root, "--force", stage)
     restored += [ln[1:].strip() for ln in out.stdout.splitlines() if ln[:1] in ("A", "M") and ln[1:2].isspace()]
-    problems = [] if out.returncode == 0 else [
-        "dvc checkout: " + ((out.stderr.strip().splitlines() or ["failed"])[-1])]
-    return restored, problems
+    return restored, [] if out.returncode == 0 else [_checkout_problem(out)]
+
+
+def _dvc_checkout(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*DVC, "checkout", *args], cwd=root, capture_output=True, text=True, timeout=600)
+
+
+def _checkout_problem(out: subprocess.CompletedProcess) -> str:
+    return "dvc checkout: " + (out.stderr.strip().splitlines() or ["failed"])[-1]
 
 
 def save(root: Path, name: str) -> str:

@@ -127,7 +127,7 @@ def reproduce_stage(root: str, stage: str, timeout_s: int = 0) -> dict:
         if timeout_s and signum is None and (isinstance(exc, TimeoutError) or elapsed >= timeout_s - 1):
             raise StageTimedOut(stage, f"pipeline.{stage}_timeout_s", timeout_s) from None
         if signum is not None:  # the task run ends Cancelled (not Crashed), saying so
-            return Cancelled(message=str(Stopped(signum, f"during stage {stage}; " + _resume_hint(stage))))
+            return Cancelled(message=str(_stopped_during(stage, signum)))
         raise
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -146,9 +146,10 @@ def _put_back(root: Path, stage: str, before: dict) -> None:
         logger.warning("stage %s did not finish; putting back its outputs: %s", stage, problem)
 
 
-def _resume_hint(stage: str) -> str:
-    return ("the next pipeline run resumes training from its newest checkpoint, in the same MLflow run"
-            if stage == "train" else "the next pipeline run runs it again")
+def _stopped_during(stage: str, signum: int) -> Stopped:
+    return Stopped(signum, f"during stage {stage}; " + (
+        "the next pipeline run resumes training from its newest checkpoint, in the same MLflow run"
+        if stage == "train" else "the next pipeline run runs it again"))
 
 
 @task(name="push-to-dvc-remote", cache_policy=None, retries=1, retry_delay_seconds=5)
@@ -260,7 +261,7 @@ def _run_stages(root: Path, overrides: list[str], push: bool, name: str | None, 
                 raise
             signum = signal_of(exc)
             if signum is not None:
-                raise Stopped(signum, f"during stage {stage}; " + _resume_hint(stage)) from None
+                raise _stopped_during(stage, signum) from None
             raise
     pushed = push_outputs(str(root)) if push else 0
     saved = None
