@@ -9,10 +9,12 @@ corruption that the safetensors header alone would miss.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,10 +43,16 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write tensors + JSON-able ``meta`` atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(Path(path), _serialize(tensors, meta))
+
+
+def _serialize(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    data = st_save(tensors, metadata={"meta": json.dumps(meta), "sha256": _digest(tensors)})
+    return st_save(tensors, metadata={"meta": json.dumps(meta), "sha256": _digest(tensors)})
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -116,6 +124,32 @@ def prune(directory: str | Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def _write_error(path: Path, nbytes: int, exc: OSError) -> CheckpointError:
+    """What a failed write of ``nbytes`` to ``path`` tells the user: the errno text, on a full disk the space
+    needed and free and what to do, and from which step a rerun resumes (the earlier files are untouched)."""
+    reason = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += (f" ({_size(nbytes)} needed, {_free(path.parent)} free there); free space on that disk or set "
+                   "train.checkpoint_dir to one with room")
+    earlier = list_checkpoints(path.parent)
+    resume = (f"the next run resumes from step {step_of(earlier[-1])}, whose checkpoint is untouched" if earlier
+              else "no checkpoint was written yet, the next run starts from step 0")
+    return CheckpointError(f"could not write checkpoint {path}: {reason}; {resume}")
+
+
+def _free(directory: Path) -> str:
+    try:
+        return _size(shutil.disk_usage(directory).free)
+    except OSError:
+        return "unknown"
+
+
+def _size(nbytes: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    power = min(3, (max(nbytes, 1).bit_length() - 1) // 10)
+    return f"{nbytes} bytes" if power == 0 else f"{nbytes / 1024**power:.1f} {('KiB', 'MiB', 'GiB')[power - 1]}"
+
+
 class BackgroundWriter:
     """Writes checkpoints on one background thread, so training goes on while a file is
     hashed, written and fsynced. ``submit`` snapshots the tensors first (a copy on the CPU),
@@ -135,10 +169,11 @@ class BackgroundWriter:
 
     @staticmethod
     def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
+        data = _serialize(tensors, meta)
         try:
-            save(path, tensors, meta)
+            _write_atomic(path, data)
         except OSError as exc:
-            raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+            raise _write_error(path, len(data), exc) from exc
         prune(path.parent, keep)
 
     def wait(self) -> Path | None:
