@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from flows import dvc_cache
+
 DVC = [sys.executable, "-m", "dvc"]
 
 
@@ -78,10 +80,10 @@ def restore(root: Path, before: dict[str, bytes | None]) -> list[str]:
     for path in _modified(root) or []:
         if path not in before and _git(root, "checkout", "HEAD", "--", path).returncode != 0:
             problems.append(f"{path}: git checkout failed")
-    out = _dvc_checkout(root, "--quiet")
-    if out.returncode != 0:
+    out, corrupt = _checkout_sound(root, None, "--quiet")
+    if out is not None and out.returncode != 0:
         problems.append(_checkout_problem(out) + " (the next `ddpm pipeline` rebuilds what is missing)")
-    return problems
+    return problems + corrupt
 
 
 def put_back_outputs(root: Path, stage: str, before: dict[str, bytes | None]) -> tuple[list[str], list[str]]:
@@ -97,9 +99,26 @@ def put_back_outputs(root: Path, stage: str, before: dict[str, bytes | None]) ->
             restored.append(path)
     if stage not in (yaml.safe_load(before.get("dvc.lock") or b"") or {}).get("stages", {}):
         return restored, []  # the stage never finished here: nothing of it to bring back
-    out = _dvc_checkout(root, "--force", stage)
+    out, corrupt = _checkout_sound(root, [stage], "--force")
+    if out is None:
+        return restored, corrupt
     restored += [ln[1:].strip() for ln in out.stdout.splitlines() if ln[:1] in ("A", "M") and ln[1:2].isspace()]
-    return restored, [] if out.returncode == 0 else [_checkout_problem(out)]
+    return restored, ([] if out.returncode == 0 else [_checkout_problem(out)]) + corrupt
+
+
+def _checkout_sound(root: Path, stages: list[str] | None, *args: str
+                    ) -> tuple[subprocess.CompletedProcess | None, list[str]]:
+    """``dvc checkout`` of ``stages`` (None: all), leaving out each stage with a corrupt cache file, which DVC
+    would check out without a word. Returns DVC's result (None: nothing was left to check out) and the
+    problem line that names the corrupt files and the fix."""
+    corrupt = dvc_cache.corrupt_files(root, stages)
+    if not corrupt:
+        return _dvc_checkout(root, *args, *(stages or [])), []
+    problem = str(dvc_cache.CorruptCache(corrupt, "not checked out"))
+    bad = {c.stage for c in corrupt}
+    locked = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {}) if stages is None else {}
+    sound = [s for s in (stages or locked) if s not in bad]
+    return (_dvc_checkout(root, *args, *sound) if sound else None), [problem]
 
 
 def _dvc_checkout(root: Path, *args: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ publishing a markdown artifact with the metrics and where the results are.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
 from ddpm import config as config_mod
-from flows import experiment, tracking, workspace_lock
+from flows import dvc_cache, experiment, tracking, workspace_lock
 from flows.signals import Stopped, signal_of, stop_process_group
 from flows.stage_failure import StageFailed, StageTimedOut, classify
 
@@ -59,17 +58,6 @@ def apply_overrides_to_params(params_path: str | Path, overrides: list[str]) -> 
     with open(tmp, "w") as f:
         yaml.dump(doc, f)
     tmp.replace(path)
-
-
-@contextlib.contextmanager
-def _in_dir(path: str):
-    """DVC resolves some stage paths against the working directory, as its CLI runs from the root."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 _PROGRESS_EVERY_S = 15.0  # a progress bar's line reaches the task log at most this often
@@ -152,13 +140,16 @@ def _stopped_during(stage: str, signum: int) -> Stopped:
         if stage == "train" else "the next pipeline run runs it again"))
 
 
-@task(name="push-to-dvc-remote", cache_policy=None, retries=1, retry_delay_seconds=5)
-def push_outputs(root: str) -> int:
-    """``dvc push`` to the default remote, so a fresh clone can ``dvc pull`` the results."""
-    from dvc.repo import Repo
+def _retry_unless_corrupt(task, task_run, state) -> bool:
+    return not isinstance(state.data, dvc_cache.CorruptCache)
 
-    with _in_dir(root), Repo(root) as repo:
-        pushed = repo.push()
+
+@task(name="push-to-dvc-remote", cache_policy=None, retries=1, retry_delay_seconds=5,
+      retry_condition_fn=_retry_unless_corrupt)
+def push_outputs(root: str) -> int:
+    """``dvc push`` to the default remote, checked (:func:`flows.dvc_cache.push`), so a fresh clone can
+    ``dvc pull`` the results. A corrupt cache file is not retried; a remote left short is, once."""
+    pushed = dvc_cache.push(Path(root))
     get_run_logger().info("dvc push: %s files pushed to the default remote", pushed)
     return pushed
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from flows import experiment
+from flows import dvc_cache, experiment
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -85,3 +87,80 @@ def test_the_outputs_of_a_stage_that_did_not_finish_come_back(repo):
     assert problems == [] and sorted(restored) == ["m.json", "out.txt"], (restored, problems)
     assert (repo / "out.txt").read_text() == "1" and json.loads((repo / "m.json").read_text()) == {"m": 10}
     assert sh(["git", "status", "--porcelain"], repo) == ""
+
+
+# -- a corrupt DVC cache file: push refuses and names it, checkout leaves it out -----------------------------
+
+def cache_file(repo: Path, output: str = "out.txt", stage: str = "s") -> Path:
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["outs"]
+    md5 = next(out["md5"] for out in outs if out["path"] == output)
+    return repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def corrupt(path: Path, mode: int) -> None:
+    """Flip one bit but keep the size and mtime, as bit rot would; leave the file with ``mode`` (DVC's own
+    0o444 makes DVC trust it; 0o644 makes `dvc push` hash it and drop it)."""
+    st = path.stat()
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    path.chmod(mode)
+
+
+def with_remote(repo: Path, tmp_path_factory) -> Path:
+    remote = tmp_path_factory.mktemp("remote")
+    sh(DVC + ["remote", "add", "-q", "-d", "r", str(remote)], repo)
+    return remote
+
+
+@pytest.mark.parametrize("mode", [0o444, 0o644], ids=["read-only", "writable"])
+def test_push_refuses_a_corrupt_cache_file_and_its_fix_works(repo, tmp_path_factory, mode):
+    remote = with_remote(repo, tmp_path_factory)
+    bad = cache_file(repo)
+    corrupt(bad, mode)
+    with pytest.raises(dvc_cache.CorruptCache) as caught:
+        dvc_cache.push(repo)
+    rel = bad.relative_to(repo)
+    assert str(caught.value) == (
+        f"dvc push refused, nothing was pushed: 1 DVC cache file(s) no longer match their hash: {rel} (holds "
+        f"out.txt of stage s). Delete them and rebuild: `rm -f {rel} && dvc repro --force s` (DVC would otherwise "
+        "keep serving the corrupt bytes)")
+    assert list(remote.rglob("*")) == [] and bad.exists()  # nothing pushed, nothing deleted
+    sh(["rm", "-f", str(rel)], repo)  # the fix, as the message says it
+    sh(DVC + ["repro", "-q", "--force", "s"], repo)
+    assert dvc_cache.push(repo) == 1
+    assert json.loads(sh(DVC + ["status", "-c", "--json"], repo)) == {}
+    assert (remote / rel.relative_to(".dvc/cache")).read_text() == "1"
+
+
+def test_a_push_that_leaves_an_output_off_the_remote_fails(repo, tmp_path_factory):
+    """A cache file gone (as after DVC dropped a corrupt one): `dvc push` says "Everything is up to date"."""
+    with_remote(repo, tmp_path_factory)
+    cache_file(repo).unlink()
+    with pytest.raises(dvc_cache.PushIncomplete, match=r"^dvc push reported success, but the remote lacks out\.txt "
+                                                       r"\(missing\) \(`dvc status -c`\)"):
+        dvc_cache.push(repo)
+
+
+def test_checkout_leaves_out_a_stage_with_a_corrupt_cache_file(repo):
+    """`dvc checkout` would copy the corrupt bytes into the workspace and `dvc status` would stay clean."""
+    (repo / "dvc.yaml").write_text((repo / "dvc.yaml").read_text() + f"  d:\n    cmd: {sys.executable} -c \"import os; "
+                                   "os.makedirs('dir', exist_ok=True); open('dir/a', 'w').write('a'); "
+                                   "open('dir/b', 'w').write('b')\"\n    outs: [dir]\n")
+    sh(DVC + ["repro", "-q"], repo)
+    before = experiment.snapshot(repo)
+    b_md5 = next(f for f in json.loads(cache_file(repo, "dir", "d").read_text()) if f["relpath"] == "b")["md5"]
+    bad = repo / ".dvc" / "cache" / "files" / "md5" / b_md5[:2] / b_md5[2:]
+    corrupt(bad, 0o444)
+    (repo / "out.txt").unlink()
+    shutil.rmtree(repo / "dir")
+    expected = (f"not checked out: 1 DVC cache file(s) no longer match their hash: {bad.relative_to(repo)} (holds "
+                f"dir/b of stage d). Delete them and rebuild: `rm -f {bad.relative_to(repo)} && dvc repro --force d`")
+    restored, problems = experiment.put_back_outputs(repo, "d", before)
+    assert restored == [] and [p[:len(expected)] for p in problems] == [expected]
+    assert not (repo / "dir").exists()
+    problems = experiment.restore(repo, before)  # the sound stage comes back, the corrupt one stays out
+    assert [p[:len(expected)] for p in problems] == [expected]
+    assert (repo / "out.txt").read_text() == "1" and not (repo / "dir").exists()
