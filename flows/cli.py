@@ -16,7 +16,9 @@ from pathlib import Path
 from ddpm import config as config_mod
 from ddpm.config import Config, ConfigError
 from flows.stage_failure import StageFailed
+from flows.dvc_cache import CorruptCache, PushIncomplete
 from flows.serve import ServerUnavailable
+from flows.tracking_outage import TrackingUnavailable
 from flows.signals import Stopped, StopRequest, stop_on_signals
 from flows.workspace_lock import WorkspaceBusy
 
@@ -87,21 +89,47 @@ def _train(args, request: StopRequest) -> None:
     try:
         with tracking.system_metrics(".", run_id, resume=previous is not None):
             result = train(cfg, prepared, callback=callback, fresh=args.fresh, stop=request)
-        sent = tracking.sync_history(".", run_id, result.history)
-        if sent:
-            print(f"MLflow: sent {sent} metric points that live logging had missed")
     except TrainingStopped as exc:
         tracking.end_run(".", run_id, "KILLED")
         raise Stopped(request.signum, f"{exc} (MLflow run {run_id} KILLED; it continues then)") from None
     except BaseException as exc:
         tracking.end_run(".", run_id, "KILLED" if isinstance(exc, (Stopped, KeyboardInterrupt)) else "FAILED")
         raise
+    try:
+        version = _register(args, cfg, run_id, result)
+    except Exception as exc:
+        _explain_outage(exc, cfg, run_id, f"registering the model (training finished: {result.steps} steps, "
+                                          f"the final checkpoint in {ckpt_dir})")
+        raise
+    write_run_file(cfg.train.out_dir, {**_train_summary(result), "run_id": run_id,
+                                       "model_name": cfg.tracking.model_name, "model_version": version})
+
+
+def _register(args, cfg: Config, run_id: str, result) -> str:
+    """The trained run's last records (the metric points live logging missed, the loss table), then a new
+    registered version of its model; returns the version."""
+    from flows import tracking
+
+    sent = tracking.sync_history(".", run_id, result.history)
+    if sent:
+        print(f"MLflow: sent {sent} metric points that live logging had missed")
     tracking.log_artifacts(".", run_id, [result.loss_csv, args.params])
     tracking.log_metrics(".", run_id, {"train_seconds": round(result.seconds, 1)}, step=result.steps)
     tracking.client(".").set_tag(run_id, "ddpm.device", result.device)
-    version = tracking.register_model(".", run_id, result.model_path, cfg)
-    write_run_file(cfg.train.out_dir, {**_train_summary(result), "run_id": run_id,
-                                       "model_name": cfg.tracking.model_name, "model_version": version})
+    return tracking.register_model(".", run_id, result.model_path, cfg)
+
+
+def _explain_outage(exc: Exception, cfg: Config, run_id: str, doing: str) -> None:
+    """If ``exc`` is the tracking server not answering, raise :class:`TrackingUnavailable` saying what is
+    kept and what to do; any other error is left to the caller."""
+    from flows import tracking
+    from flows.tracking_outage import TrackingUnavailable, first_line, is_outage, redacted
+
+    if is_outage(exc):
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {redacted(tracking.tracking_uri('.'))} stopped answering while {doing}; "
+            f"nothing is lost: rerun when it is back and MLflow run {run_id} continues and the model "
+            f"{cfg.tracking.model_name} is registered then, without training again ({first_line(exc)})") from None
 
 
 def _grid_logger(cfg: Config, prepared: str, run_id: str):
@@ -408,9 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_prefect()
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.deterministic else 1
-    except (ConfigError, FileNotFoundError, ValueError, ServerUnavailable, WorkspaceBusy) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, ServerUnavailable, WorkspaceBusy, CorruptCache) as exc:
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (TrackingUnavailable, PushIncomplete) as exc:  # transient: exit 1 (the flow retries a stage)
+        print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         from ddpm.checkpoint import CheckpointError
         from ddpm.train import TrainingOutOfMemoryError

@@ -341,7 +341,12 @@ def register_model(root: str | Path, run_id: str, model_path: str | Path, cfg: C
     from ddpm.export import load_model
     from flows import mlflow_model
 
-    client(root)
+    c = client(root)
+    done = c.search_model_versions(f"name='{cfg.tracking.model_name}' and run_id='{run_id}'")
+    if done:  # a rerun after the server dropped the reply to the registration: the version exists
+        version = str(max(int(mv.version) for mv in done))
+        print(f"{cfg.tracking.model_name} version {version} is already registered for run {run_id}; not again")
+        return version
     unet = load_model(model_path).unet.config
     shape = (unet["channels"], unet["resolution"], unet["resolution"])
     sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items()

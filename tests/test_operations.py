@@ -298,3 +298,53 @@ def test_the_pipeline_against_an_mlflow_server_that_restarts_while_training(tmp_
         assert alias.status_code == 200, alias.text
         assert alias.json()["model_version"]["version"] == "1"
         assert alias.json()["model_version"]["run_id"] == info["run_id"]
+
+
+# --- 3. the tracking server down when training ends and the model is registered --------------------
+
+def _runs_and_versions(url: str) -> tuple[list[dict], list[dict]]:
+    rest = f"{url}/api/2.0/mlflow"
+    exp_id = httpx.get(f"{rest}/experiments/get-by-name", params={"experiment_name": "ddpm"},
+                       timeout=10).json()["experiment"]["experiment_id"]
+    runs = httpx.post(f"{rest}/runs/search", json={"experiment_ids": [exp_id]}, timeout=10).json().get("runs", [])
+    versions = httpx.get(f"{rest}/model-versions/search", params={"filter": f"name='{MODEL_NAME}'"}, timeout=10)
+    return runs, versions.json().get("model_versions", [])
+
+
+def test_ddpm_train_when_the_tracking_server_is_down_at_registration(tmp_path):
+    """The server is killed once the final checkpoint is on disk: `ddpm train` ends (after MLflow's own HTTP
+    retries) with one line naming the server, what is kept and what to do, exit 1 (transient, so the flow
+    retries it). Once the server is back, a rerun trains nothing, continues the same MLflow run and
+    registers exactly one version."""
+    project = tiny_project(tmp_path)
+    env = base_env(OMP_NUM_THREADS="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    run([DDPM, "prepare"], cwd=project, env=env)
+    with mlflow_server(tmp_path / "mlflow") as server:
+        env["MLFLOW_TRACKING_URI"] = server["url"]
+        log = tmp_path / "train.log"
+        train = spawn([DDPM, "train"], log, cwd=project, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while not list((project / "checkpoints").rglob("step-000000006.safetensors")):
+                assert train.poll() is None, f"ddpm train exited ({train.returncode}) early:\n{tail(log)}"
+                assert time.monotonic() < deadline, f"no final checkpoint within 120 s:\n{tail(log)}"
+                time.sleep(0.02)
+            stop(server["proc"], signal.SIGKILL)
+            rc = train.wait(timeout=180)
+        finally:
+            stop(train)
+        lines = log.read_text(errors="replace").strip().splitlines()
+        assert rc == 1, "\n".join(lines[-30:])
+        assert lines[-1].startswith(f"ddpm train: error: the MLflow tracking server {server['url']} stopped "
+                                    "answering while registering the model (training finished: 6 steps"), lines[-1]
+        assert "nothing is lost: rerun when it is back" in lines[-1]
+        assert (project / "models" / "model.safetensors").exists()  # the trained weights are kept
+
+        server["proc"] = start_mlflow(server["store"], server["port"], server["log"])
+        again = run([DDPM, "train"], cwd=project, env=env)
+        text = again.stdout + again.stderr
+        assert "at step 6" in text and "steps 6 -> 6" in text, text[-3000:]  # resumed, nothing trained again
+        runs, versions = _runs_and_versions(server["url"])
+        assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED", runs
+        assert [mv["run_id"] for mv in versions] == [runs[0]["info"]["run_id"]], versions
+        assert f"registered {MODEL_NAME} version 1" in text or "already registered" in text, text[-3000:]
