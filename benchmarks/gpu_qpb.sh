@@ -13,4 +13,4 @@ python3 -m pip install -q --no-index --find-links .whl-qpb diffusers pyyaml tqdm
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu_name.txt"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu_name.txt"
 timeout "${QPB_TIMEOUT:-560}" python3 benchmarks/quality_per_budget.py --budget "${QPB_BUDGET:-240}" --n 2000 \
-  --phases train sample --source .gpudata/fashion-mnist --out "$out" 2>&1 | grep -v '^train: *[0-9]*%' | tail -60
+  --phases train sample --source .gpudata/fashion-mnist --out "$out" "$@" 2>&1 | grep -v '^train: *[0-9]*%' | tail -60

@@ -5,7 +5,7 @@ The course recipe (Diffusion Models Course, unit 1, at 32x32): diffusers ``UNet2
 notebook's config (block_out_channels 64, 128, 128, 256; 2 layers per block; attention at the two
 lowest resolutions), DDPMScheduler squaredcos_cap_v2, AdamW 4e-4 constant, batch 128, no EMA, fp32 as
 the notebook trains, images padded from 28 to 32 px; sampled with 100 DDIM steps.
-Ours: params.yaml as it is (28x28, its own sampler), trained to a step count set from a short
+Ours: params.yaml as it is (28x28, its own sampler) or with --set overrides, trained to a step count set from a short
 throughput probe so that it ends near the budget. Its samples are padded to 32 px like the test split.
 
 Both are scored with the pytorch-fid Inception weights on N samples against N test images (padded
@@ -106,8 +106,9 @@ def sample_course(unet, n: int, device: torch.device, batch: int = 250) -> np.nd
     return np.concatenate(out)
 
 
-def train_ours(params: str, prepared: Path, workdir: Path, budget: float, device: str) -> tuple[object, dict]:
-    base = config.load(params, [f"train.device={device}", f"sample.device={device}"])
+def train_ours(params: str, overrides: list[str], prepared: Path, workdir: Path, budget: float,
+               device: str) -> tuple[object, dict]:
+    base = config.load(params, [*overrides, f"train.device={device}", f"sample.device={device}"])
 
     def run(steps: int, out: str):
         tc = dataclasses.replace(base.train, steps=steps, out_dir=str(workdir / out),
@@ -128,9 +129,10 @@ def train_recipes(args, device: torch.device, prepared: Path, workdir: Path, out
     """Train both recipes for the budget: <out>/model_ours.safetensors, <out>/model_course.safetensors (the
     UNet in fp16, half the size, so a CPU-trained model fits the GPU machine's 64 MiB transfer; sampled in
     fp32 again) and each recipe's stats json."""
-    (cfg, result), ours = train_ours(args.params, prepared, workdir, args.budget, str(device))
+    (cfg, result), ours = train_ours(args.params, args.set, prepared, workdir, args.budget, str(device))
     shutil.copyfile(result.model_path, out / "model_ours.safetensors")
-    _write_stats(out, "ours", {**ours, "recipe": "ours (params.yaml)", "sampler": f"{cfg.sample.sampler} {cfg.sample.steps}",
+    recipe = "ours (params.yaml" + (" with " + " ".join(f"`{o}`" for o in args.set) if args.set else "") + ")"
+    _write_stats(out, "ours", {**ours, "recipe": recipe, "overrides": args.set, "sampler": f"{cfg.sample.sampler} {cfg.sample.steps}",
                                "trained_on": _where(device),
                                "model": f"{result.num_parameters / 1e6:.1f} M params, {cfg.diffusion.objective}, "
                                         f"min-SNR {cfg.train.min_snr_gamma:g}, batch {cfg.train.batch_size}, {result.device}"})
@@ -144,7 +146,7 @@ def train_recipes(args, device: torch.device, prepared: Path, workdir: Path, out
 
 def sample_recipes(args, device: torch.device, out: Path) -> None:
     """N samples from each trained recipe: <out>/samples_<recipe>.npz and a grid."""
-    cfg = config.load(args.params, [f"sample.device={device}"])
+    cfg = config.load(args.params, [*args.set, f"sample.device={device}"])
     images = generate(load_model(out / "model_ours.safetensors"), cfg.sample, num_samples=args.n)
     _save(out, "ours", pad32(images), device)
     unet = course_model()
@@ -201,6 +203,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--source", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="an override of params.yaml for our recipe, as `ddpm -S` (repeatable; e.g. a GPU's batch)")
     ap.add_argument("--workdir", default="")
     ap.add_argument("--out", default="", help="a folder for the samples, grids and the table")
     ap.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES),
