@@ -58,8 +58,12 @@ prefect-server: setup
 mlflow-ui: setup
 	$(BIN)/ddpm ui --port $(MLFLOW_PORT)
 
+# Every ignored path the pipeline and the ddpm commands create (README, "Tracking store"): stage outputs, checkpoints,
+# downloaded models, the MLflow store and its artifacts (mlruns/: an experiment made by an older version), the DVC
+# cache and temp folder. Not .venv, not tracked files (dvc.lock, metrics/), not the DVC remote outside the checkout.
 clean:
-	rm -rf data/prepared data/reference models samples checkpoints .cache mlflow.db mlartifacts
+	rm -rf data/prepared data/prepared.tmp data/reference data/reference.tmp models samples checkpoints .cache \
+	  mlflow.db mlartifacts mlruns .dvc/cache .dvc/tmp
 
 # Benchmarks (not part of the two commands). diffusers is the anchor, installed only here.
 bench-train: setup

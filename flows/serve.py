@@ -74,8 +74,9 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
         return 0
     _check_port_free(host, port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    if uri.startswith("sqlite:"):
-        cmd += ["--default-artifact-root", tracking.artifact_root(root)]
+    artifacts = tracking.artifact_root(root)
+    if artifacts:  # experiments made in the UI keep their artifacts where the pipeline's are
+        cmd += ["--default-artifact-root", artifacts]
     print(f"MLflow UI for {uri}: {_experiment_url(root, f'http://{host}:{port}')}")
     ui = subprocess.Popen(cmd, start_new_session=True)  # its server and workers: one group, stopped together
     try:

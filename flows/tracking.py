@@ -50,9 +50,13 @@ def project_root(root: str | Path = ".") -> Path:
     return path
 
 
-def artifact_root(root: str | Path = ".") -> str:
-    """Where the embedded SQLite store keeps artifacts: ``mlartifacts/`` beside it in the project root."""
-    return (project_root(root) / "mlartifacts").as_uri()
+def artifact_root(root: str | Path = ".") -> str | None:
+    """Where new experiments keep their artifacts: for an SQLite store, ``mlartifacts/`` beside its database
+    file (the default store: ``<project>/mlartifacts``); None for any other store, whose server decides."""
+    uri = tracking_uri(root)
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 def tracking_uri(root: str | Path = ".") -> str:
@@ -213,10 +217,10 @@ def experiment_id(c, root: str | Path, name: str) -> str:
         if "mlflow.experimentKind" not in exp.tags:  # made by an older version of the project
             c.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
-    location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:  # the embedded store keeps artifacts beside it
-        location = artifact_root(root)
-    return c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    # Not MLflow's default (./mlruns of whatever directory creates the experiment). Not read from whether
+    # MLFLOW_TRACKING_URI is set: mlflow.set_tracking_uri() sets it. An experiment keeps the location it was
+    # created with (MLflow cannot move it): one made under ./mlruns by an older version stays there.
+    return c.create_experiment(name, artifact_location=artifact_root(root), tags=EXPERIMENT_KIND)
 
 
 def end_run(root: str | Path, run_id: str, status: str) -> None:

@@ -55,6 +55,18 @@ def test_logged_from_code_with_the_library_and_no_pickle(registered):
     assert "model_code_path" in mlmodel and "ddpm-pipeline" not in (local / "requirements.txt").read_text()
 
 
+def test_the_experiment_keeps_artifacts_in_mlartifacts_beside_the_store(registered):
+    """Not MLflow's default, ./mlruns of whatever directory creates the experiment (as it was before: mlflow.
+    set_tracking_uri() sets MLFLOW_TRACKING_URI, which told the project a server was in use)."""
+    root = registered["root"]
+    c = tracking.client(root)
+    assert c.get_experiment_by_name("pyfunc").artifact_location == (root / "mlartifacts").as_uri()
+    # an experiment an older version made under mlruns/ is used as it is (MLflow cannot move it)
+    old = c.create_experiment("older", artifact_location=(root / "mlruns" / "1").as_uri())
+    assert tracking.experiment_id(c, root, "older") == old
+    assert c.get_experiment(old).artifact_location == (root / "mlruns" / "1").as_uri()
+
+
 def test_signature_names_the_params_with_the_runs_defaults(registered):
     from mlflow.models import get_model_info
 

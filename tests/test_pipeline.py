@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_project, run, write_fashion_idx
+from tests.conftest import PROJECT_ROOT, make_project, run, write_fashion_idx
 
 pytestmark = pytest.mark.slow
 
@@ -161,6 +161,22 @@ def test_a_run_with_overrides_is_a_dvc_experiment_and_leaves_nothing_behind(pipe
 
     tags = MlflowClient(pipeline_run["uri"]).get_run(pipeline_run["first"]["run"]["run_id"]).data.tags
     assert tags["ddpm.dvc_experiment"] == pipeline_run["first"]["experiment"] and tags["ddpm.git_dirty"] == "false"
+
+
+def test_make_clean_leaves_the_checkout_as_before_the_runs(pipeline_run, tmp_path):
+    """`make clean` removes every ignored path the runs made (outputs, checkpoints, the MLflow store and its
+    artifacts, DVC's cache) and nothing tracked; the virtualenv stays."""
+    project = tmp_path / "project"
+    shutil.copytree(pipeline_run["project"], project, symlinks=True)  # the module's other tests keep the original
+    shutil.copy2(PROJECT_ROOT / "Makefile", project / "Makefile")
+    (project / ".venv").mkdir()
+    (project / ".venv" / "pyvenv.cfg").write_text("")
+    run(["git", "add", "-A"], project)  # in a user's checkout dvc.lock and metrics/ are tracked files
+    run(["git", "commit", "-qm", "after the runs"], project)
+    made = run(["git", "status", "--porcelain", "--ignored"], project).stdout.splitlines()
+    assert "!! mlartifacts/" in made and "!! mlruns/" not in made, made  # the artifacts where the README says
+    run(["make", "clean"], project)
+    assert run(["git", "status", "--porcelain", "--ignored"], project).stdout.splitlines() == ["!! .venv/"]
 
 
 def test_sample_from_the_registry(pipeline_run):
