@@ -130,14 +130,32 @@ def prefect_api(tmp_path):
     home.mkdir()
     log = tmp_path / "prefect_server.log"
     venv = Path(sys.prefix)
-    proc = spawn(["make", "-s", "-C", str(PROJECT_ROOT), "prefect-server", f"PREFECT_PORT={port}", f"VENV={venv}",
-                  "-o", f"{venv}/bin/ddpm"], log,
-                 env=base_env(PREFECT_HOME=str(home), PREFECT_API_URL="http://127.0.0.1:4200/api"))
+
+    def start() -> subprocess.Popen:
+        proc = spawn(["make", "-s", "-C", str(PROJECT_ROOT), "prefect-server", f"PREFECT_PORT={port}",
+                      f"VENV={venv}", "-o", f"{venv}/bin/ddpm"], log,
+                     env=base_env(PREFECT_HOME=str(home), PREFECT_API_URL="http://127.0.0.1:4200/api"))
+        try:
+            wait_http(f"http://127.0.0.1:{port}/api/health", proc, 90, log)
+        except BaseException:
+            stop(proc, signal.SIGINT)
+            raise
+        return proc
+
+    def restart() -> float:
+        """Stop the server (Ctrl-C, as a user would) and start it again on the same port and database;
+        returns how long the API was away."""
+        t0 = time.monotonic()
+        stop(server["proc"], signal.SIGINT)
+        server["proc"] = start()
+        return time.monotonic() - t0
+
+    server = {"proc": start()}
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", proc, 90, log)
-        yield {"api": f"http://127.0.0.1:{port}/api", "ui": f"http://127.0.0.1:{port}", "home": home, "log": log}
+        yield {"api": f"http://127.0.0.1:{port}/api", "ui": f"http://127.0.0.1:{port}", "home": home, "log": log,
+               "restart": restart}
     finally:
-        stop(proc, signal.SIGINT)
+        stop(server["proc"], signal.SIGINT)
 
 
 def _flow_runs(api: str, deployment_id: str) -> list[dict]:
@@ -154,7 +172,8 @@ SERVED_STEPS = 400  # checkpointed only at the end: a checkpoint before it is th
 def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path):
     """`ddpm serve` against `make prefect-server`: the first scheduled run is cancelled through the API while it
     trains (Cancelled, training checkpointed, its MLflow run KILLED, nothing of it left running); the next
-    resumes it and completes (one MLflow run, one version); runs due meanwhile are cancelled by the
+    resumes it and completes (one MLflow run, one version) although the Prefect server is restarted while it
+    trains; runs due meanwhile are cancelled by the
     deployment's limit, not queued; the UI on that port shows the cancelled flow run. (A second run with
     unchanged inputs skipping every stage: tests/test_pipeline.py.)"""
     from tests.test_stopping import processes_in, project_mlflow
@@ -199,6 +218,12 @@ def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path)
         assert 0 < stop_step < SERVED_STEPS
         assert f"stopped at step {stop_step}; checkpoint " in log.read_text(errors="replace")
 
+        # the Prefect server restarted while the next scheduled run trains: the run goes on and completes
+        deadline = time.monotonic() + 180
+        while f"at step {stop_step}" not in log.read_text(errors="replace"):
+            assert serve.poll() is None and time.monotonic() < deadline, f"no resumed run:\n{tail(log)}"
+            time.sleep(0.5)
+        away_s = prefect_api["restart"]()
         completed: list[dict] = []
         deadline = time.monotonic() + 240
         while not completed and time.monotonic() < deadline:
@@ -209,7 +234,8 @@ def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path)
             completed = [r for r in runs if r["state_type"] == "COMPLETED"]
             time.sleep(2)
         assert completed, f"no scheduled flow run completed within 240 s:\n{tail(log, 8000)}"
-        print(f"\nthe resumed scheduled flow run: total_run_time {completed[0]['total_run_time']:.1f} s")
+        print(f"\nthe resumed scheduled flow run: total_run_time {completed[0]['total_run_time']:.1f} s; the Prefect "
+              f"server was away {away_s:.1f} s while it trained")
         # it skipped what the cancelled run had done and finished training in that run's MLflow run
         text = log.read_text(errors="replace")
         assert text.count("stage train: reproduced") == 1 and f"at step {stop_step}" in text, tail(log, 8000)
