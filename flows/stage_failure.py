@@ -6,6 +6,7 @@ Kept apart from the Prefect flow so the CLI can name it without importing Prefec
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Sequence
 
 # `ddpm <stage>` exits 2 for the errors it explains (bad config or data, divergence, out of memory)
@@ -52,6 +53,15 @@ def classify(stage: str, lines: Sequence[str]) -> StageFailed:
         code = int(exited.group(1))
         own = [ln for ln in lines if not ln.startswith(_DVC_ERROR)]
         reason = next((ln for ln in reversed(own) if re.match(r"ddpm \w+: error: ", ln)), own[-1] if own else "no output")
+        if code < 0:  # killed by a signal (the OOM killer, a kill -9): the command printed no reason of its own
+            reason = f"killed by {_signal_name(-code)}" + ("" if reason.startswith("> ") else f" after: {reason}")
         return StageFailed(stage, code, reason, code == EXIT_DETERMINISTIC)
     reason = dvc_errors[-1][len(_DVC_ERROR):] if dvc_errors else (lines[-1] if lines else "no output")
     return StageFailed(stage, None, reason, "lock" not in reason.lower())
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,35 @@ def tiny_overrides(source: Path) -> list[str]:
     ]
 
 
+STAGES = ["prepare", "train", "sample", "reference", "evaluate"]
+
+
+class StageKiller(threading.Thread):
+    """SIGKILLs the `ddpm <stage>` process of each stage once, 0.5 s after it starts (mid-import or mid-work):
+    the fault matrix's "SIGKILL at each stage"; the flow's retry must bring each back."""
+
+    def __init__(self, project: Path):
+        super().__init__(daemon=True)
+        self.project, self.killed, self.done = project, [], threading.Event()
+
+    def run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self.done.wait(0.1):
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if Path(os.readlink(f"/proc/{pid}/cwd")) != self.project:
+                        continue
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                    start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]) / tick
+                    uptime = float(Path("/proc/uptime").read_text().split()[0])
+                except (OSError, ValueError, IndexError):
+                    continue
+                stage = argv[2] if len(argv) > 2 and argv[1].endswith("/ddpm") else None
+                if stage in STAGES and stage not in self.killed and uptime - start >= 0.5:
+                    os.kill(int(pid), signal.SIGKILL)
+                    self.killed.append(stage)
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, prefect_server):
     """Run the flow twice in one temporary git + DVC project with its own MLflow store."""
@@ -53,7 +83,16 @@ def pipeline_run(tmp_path_factory, prefect_server):
     apply_overrides_to_params(project / "params.yaml", tiny_overrides(source))  # the project's own params
     run(["git", "commit", "-qam", "tiny params"], project)
     committed = (project / "params.yaml").read_text()
-    first = ddpm_pipeline(root=str(project))
+    import flows.pipeline
+
+    delays, flows.pipeline.RETRY_DELAY_S = flows.pipeline.RETRY_DELAY_S, [1]  # the retries below: 1 s apart
+    killer = StageKiller(project)
+    killer.start()
+    try:
+        first = ddpm_pipeline(root=str(project))
+    finally:
+        killer.done.set()
+        flows.pipeline.RETRY_DELAY_S = delays
     ckpts = sorted(p.name for p in (project / "checkpoints").rglob("*.safetensors"))
     mtimes = {p: p.stat().st_mtime_ns for p in (project / "models").iterdir()}
     second = ddpm_pipeline(root=str(project))
@@ -61,7 +100,7 @@ def pipeline_run(tmp_path_factory, prefect_server):
     samples = (project / "samples" / "samples.npz").read_bytes()
     # for this run only (no sampler comparison: the first run's metrics check it; seconds here)
     third = ddpm_pipeline(root=str(project), overrides=["sample.seed=1", "evaluate.compare_samplers=[]"])
-    yield {"project": project, "source": source, "first": first, "second": second, "third": third, "ckpts": ckpts,
+    yield {"project": project, "source": source, "first": first, "killed": killer.killed, "second": second, "third": third, "ckpts": ckpts,
            "mtimes": mtimes, "uri": uri, "base": base, "committed": committed, "lock": lock, "samples": samples}
     for k, v in old.items():
         if v is None:
@@ -71,10 +110,13 @@ def pipeline_run(tmp_path_factory, prefect_server):
 
 
 def test_first_run_runs_every_stage_and_registers_a_model(pipeline_run):
+    """Each stage's process was SIGKILLed once on the way (StageKiller) and retried: the run's records below
+    are those of an undisturbed run (one MLflow run, one version, every loss point)."""
     from mlflow import MlflowClient
 
     first, project = pipeline_run["first"], pipeline_run["project"]
-    assert [s["stage"] for s in first["stages"]] == ["prepare", "train", "sample", "reference", "evaluate"]
+    assert pipeline_run["killed"] == STAGES
+    assert [s["stage"] for s in first["stages"]] == STAGES
     assert all(s["ran"] for s in first["stages"])
     metrics = json.loads((project / "metrics" / "metrics.json").read_text())
     comparison = {f"fd_classifier_n16_{s}_{k}steps" for s in ("ddpm", "ddim", "dpm_solver_pp", "dpm_solver_pp_sde")
@@ -297,6 +339,12 @@ def test_the_stage_error_line_is_found_under_dvc_and_tracebacks():
     dvc = classify("prepare", ["ERROR: failed to reproduce 'prepare': dependency 'x' does not exist"])
     assert (dvc.exit_code, dvc.deterministic) == (None, True) and dvc.reason.endswith("'x' does not exist")
     assert not classify("train", ["ERROR: Unable to acquire lock. Most likely another DVC process"]).deterministic
+    killed = classify("sample", ["Running stage 'sample':", "> bin/ddpm sample",
+                                 "ERROR: failed to reproduce 'sample': failed to run: bin/ddpm sample, exited with -9"])
+    assert (killed.reason, killed.deterministic) == ("killed by SIGKILL", False)
+    late = classify("train", ["> bin/ddpm train", "train: 40%", "ERROR: failed to reproduce 'train': failed to run: "
+                              "bin/ddpm train, exited with -15"])
+    assert late.reason == "killed by SIGTERM after: train: 40%"
     assert str(pickle.loads(pickle.dumps(own))) == str(own)
 
 
