@@ -220,7 +220,7 @@ def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path)
 
         # the Prefect server restarted while the next scheduled run trains: the run goes on and completes
         deadline = time.monotonic() + 180
-        while f"at step {stop_step}" not in log.read_text(errors="replace"):
+        while f"resuming from " not in log.read_text(errors="replace"):  # the next run's `ddpm train` has started
             assert serve.poll() is None and time.monotonic() < deadline, f"no resumed run:\n{tail(log)}"
             time.sleep(0.5)
         away_s = prefect_api["restart"]()
@@ -269,6 +269,15 @@ def chromium_dom(url: str, profile: Path) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=base_env()).stdout
 
 
+def wait_for_checkpoint(project: Path, pattern: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until a checkpoint matching ``pattern`` is on disk (polled every 20 ms), while ``proc`` runs."""
+    deadline = time.monotonic() + timeout_s
+    while not list((project / "checkpoints").rglob(pattern)):
+        assert proc.poll() is None, f"{proc.args[-1]} exited ({proc.returncode}) early:\n{tail(log)}"
+        assert time.monotonic() < deadline, f"no checkpoint {pattern} within {timeout_s} s:\n{tail(log)}"
+        time.sleep(0.02)
+
+
 # --- 2. the pipeline against an MLflow tracking server that restarts while it trains ---------------
 
 def test_the_pipeline_against_an_mlflow_server_that_restarts_while_training(tmp_path, prefect_api_url):
@@ -285,11 +294,7 @@ def test_the_pipeline_against_an_mlflow_server_that_restarts_while_training(tmp_
         pipeline = spawn([DDPM, "pipeline"], log, cwd=project, env=env)
         t0 = time.monotonic()
         try:
-            deadline = time.monotonic() + 180
-            while not list((project / "checkpoints").rglob("*.safetensors")):
-                assert pipeline.poll() is None, f"ddpm pipeline exited ({pipeline.returncode}) early:\n{tail(log)}"
-                assert time.monotonic() < deadline, f"no checkpoint within 180 s:\n{tail(log)}"
-                time.sleep(0.1)
+            wait_for_checkpoint(project, "*.safetensors", pipeline, log, 180)
             stop(server["proc"], signal.SIGKILL)
             killed_at = time.monotonic() - t0
             time.sleep(3)
@@ -350,11 +355,7 @@ def test_ddpm_train_when_the_tracking_server_is_down_at_registration(tmp_path):
         log = tmp_path / "train.log"
         train = spawn([DDPM, "train"], log, cwd=project, env=env)
         try:
-            deadline = time.monotonic() + 120
-            while not list((project / "checkpoints").rglob("step-000000006.safetensors")):
-                assert train.poll() is None, f"ddpm train exited ({train.returncode}) early:\n{tail(log)}"
-                assert time.monotonic() < deadline, f"no final checkpoint within 120 s:\n{tail(log)}"
-                time.sleep(0.02)
+            wait_for_checkpoint(project, "step-000000006.safetensors", train, log, 120)
             stop(server["proc"], signal.SIGKILL)
             rc = train.wait(timeout=180)
         finally:
