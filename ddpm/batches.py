@@ -5,6 +5,9 @@ device as uint8, so a batch is one gather on the device and no host work. Larger
 sets stay memory-mapped and each batch is read from the map in sorted order
 (sequential reads) and copied to the device.
 The position (epoch, offset into its permutation) is part of every checkpoint.
+
+Several ranks (ddpm/distributed.py) walk the same epoch order with the same global batch; each rank
+reads only its slice of every batch, so together they read what one process would.
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class Batches:
-    """``next(epoch, pos)`` -> (uint8 images (B, C, H, W) on ``device``, epoch, pos) of the next batch."""
+    """``next(epoch, pos)`` -> (uint8 images (B, C, H, W) on ``device``, epoch, pos) of the next batch.
+
+    ``batch_size`` is the global batch; with ``world_size`` ranks, rank ``rank`` gets images
+    ``rank * B / world_size`` to ``(rank + 1) * B / world_size`` of it (B / world_size of them)."""
 
     def __init__(self, images: np.ndarray, batch_size: int, seed: int, device: torch.device,
-                 in_memory_limit_bytes: int = IN_MEMORY_LIMIT_BYTES):
+                 in_memory_limit_bytes: int = IN_MEMORY_LIMIT_BYTES, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed, self.device = images.shape[0], batch_size, seed, device
+        self.rank, self.world_size = rank, world_size
         if self.n < batch_size:
             raise ValueError(f"train.batch_size={batch_size} is larger than the {self.n} prepared training images; "
                              f"lower train.batch_size to at most {self.n} or prepare more images")
@@ -49,6 +56,13 @@ class Batches:
         end = pos + self.batch_size
         # sorted: sequential reads from a memory map, and the same batches whichever way the set is held
         if self.in_memory:
-            return self.images[self._order_on_device(epoch)[pos:end].sort().values], epoch, end
-        idx = np.sort(epoch_order(self.n, self.seed, epoch)[pos:end].numpy())
+            return self.images[self._shard(self._order_on_device(epoch)[pos:end].sort().values)], epoch, end
+        idx = self._shard(np.sort(epoch_order(self.n, self.seed, epoch)[pos:end].numpy()))
         return torch.from_numpy(self.images[idx]).to(self.device), epoch, end
+
+    def _shard(self, batch_indices):
+        """This rank's slice of the global batch's (sorted) image indices."""
+        if self.world_size == 1:
+            return batch_indices
+        per_rank = self.batch_size // self.world_size
+        return batch_indices[self.rank * per_rank:(self.rank + 1) * per_rank]

@@ -177,10 +177,21 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     out_dir: str = "models"
     loss_path: str = "metrics/train_loss.csv"
+    # Several processes (DDP, launched by `ddpm train` through torchrun): the world is nproc_per_node x nnodes
+    # ranks and train.batch_size stays the global batch, each rank taking batch_size / world of it.
+    nproc_per_node: int = 1  # ranks on this machine: at most one per GPU; on a CPU, gloo ranks
+    nnodes: int = 1  # machines; > 1: start `ddpm train` on each, with its node_rank
+    node_rank: int = 0  # this machine's index, 0..nnodes-1 (nnodes > 1 only)
+    master_addr: str = "127.0.0.1"  # where node 0 listens for the rendezvous (nnodes > 1 only)
+    master_port: int = 29500  # its port (nnodes > 1 only; one machine picks a free port itself)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr", "grad_accum_steps", "log_every_steps",
-                     "checkpoint_every_steps", "keep_checkpoints"):
+                     "checkpoint_every_steps", "keep_checkpoints", "nproc_per_node", "nnodes"):
             _positive(f"train.{name}", getattr(self, name))
         for name in ("lr_warmup_steps", "weight_decay", "grad_clip_norm", "ema_halflife_steps",
                      "ema_rampup_ratio", "min_snr_gamma"):
@@ -188,6 +199,17 @@ class TrainConfig:
         _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("train.mixed_precision", self.mixed_precision, PRECISIONS)
         _choice("train.device", self.device, DEVICES)
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"train.node_rank={self.node_rank} must be in 0..{self.nnodes - 1} "
+                              f"(train.nnodes={self.nnodes})")
+        if not 0 < self.master_port < 65536:
+            raise ConfigError(f"train.master_port={self.master_port} must be a TCP port, 1..65535")
+        if self.batch_size % self.world_size:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} must be divisible by the world size {self.world_size} "
+                f"(train.nproc_per_node={self.nproc_per_node} x train.nnodes={self.nnodes}): each rank takes "
+                f"batch_size / world size images of every batch; e.g. train.batch_size="
+                f"{max(self.world_size, self.batch_size // self.world_size * self.world_size)}")
 
 
 @dataclass(frozen=True)

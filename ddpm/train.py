@@ -13,6 +13,11 @@ Resume: checkpoints live in ``train.checkpoint_dir/<fingerprint>/``, where the
 fingerprint hashes everything that changes the result (model, diffusion, the
 train settings that matter, the data hash). A rerun with the same fingerprint
 continues from the newest readable checkpoint, bitwise as if never stopped.
+
+Several ranks (torchrun, see ddpm/distributed.py): the model is wrapped in DDP, each rank trains on its
+slice of every global batch and draws the whole batch's timesteps and noise from the same generator,
+keeping its slice, so the run is the one-process run up to the order of floating-point sums. Only rank 0
+writes (checkpoints, loss table, model) and calls ``callback``. The world size is part of the fingerprint.
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from ddpm import checkpoint
+from ddpm import checkpoint, distributed
 from ddpm.batches import Batches
-from ddpm.config import Config
+from ddpm.config import Config, ConfigError
 from ddpm.device import autocast_dtype, backend_settings, compile_or_eager, resolve_device
 from ddpm.ema import ema_beta, ema_update
 from ddpm.export import save_model
@@ -52,8 +57,11 @@ Callback = Callable[[dict[str, Any]], None]
 
 # Train settings that do not change the trained weights, left out of the fingerprint.
 _NOT_IN_FINGERPRINT = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "checkpoint_dir",
-                       "out_dir", "loss_path", "device")
-_TRAINING_CODE = ("train.py", "unet.py", "schedule.py", "objectives.py", "ema.py", "batches.py")
+                       "out_dir", "loss_path", "device",
+                       # how the ranks are started and meet; their number, the world size, is added below
+                       "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port")
+_TRAINING_CODE = ("train.py", "unet.py", "schedule.py", "objectives.py", "ema.py", "batches.py", "distributed.py")
+_MAX_WORLD_SIZE_SEARCHED = 256  # world sizes whose checkpoint folders a run looks for when its own is empty
 
 
 class TrainingOutOfMemoryError(RuntimeError):
@@ -92,17 +100,42 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: Config, data_hash: str) -> str:
-    """Identity of a training run: config that changes the weights, the data, and the training code."""
+def fingerprint(cfg: Config, data_hash: str, world_size: int = 1, code: str | None = None) -> str:
+    """Identity of a training run: config that changes the weights, the data, the training code, and the
+    world size (number of ranks) when above 1 (so one-process runs keep the fingerprints they had)."""
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _NOT_IN_FINGERPRINT}
+    if world_size > 1:
+        train["world_size"] = world_size
     blob = json.dumps({"model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion),
-                       "train": train, "data": data_hash, "code": _code_hash()}, sort_keys=True, default=list)
+                       "train": train, "data": data_hash, "code": code or _code_hash()}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def checkpoint_dir(cfg: Config, prepared_dir: str | Path) -> Path:
-    """Where this configuration on this data keeps its checkpoints."""
-    return Path(cfg.train.checkpoint_dir) / fingerprint(cfg, load_manifest(prepared_dir)["content_hash"])
+def checkpoint_dir(cfg: Config, prepared_dir: str | Path, world_size: int | None = None) -> Path:
+    """Where this configuration on this data, at ``world_size`` ranks (default: torchrun's inside a
+    launched process, else ``train.nproc_per_node x train.nnodes``), keeps its checkpoints."""
+    world_size = world_size or distributed.world_size(cfg.train)
+    return Path(cfg.train.checkpoint_dir) / fingerprint(cfg, load_manifest(prepared_dir)["content_hash"], world_size)
+
+
+def refuse_other_world_size(cfg: Config, prepared_dir: str | Path, fresh: bool, world_size: int | None = None) -> None:
+    """Raise ``ConfigError`` if this run has no checkpoint but the same training at another world size has:
+    a checkpoint resumes only at the world size that wrote it, and silently starting over would waste it."""
+    world_size = world_size or distributed.world_size(cfg.train)
+    if fresh or checkpoint.list_checkpoints(checkpoint_dir(cfg, prepared_dir, world_size)):
+        return
+    data_hash, code = load_manifest(prepared_dir)["content_hash"], _code_hash()
+    for other in range(1, _MAX_WORLD_SIZE_SEARCHED + 1):
+        other_dir = Path(cfg.train.checkpoint_dir) / fingerprint(cfg, data_hash, other, code)
+        found = checkpoint.list_checkpoints(other_dir) if other != world_size else []
+        if found:
+            tc = cfg.train
+            raise ConfigError(
+                f"{other_dir} holds checkpoints of this training at world size {other} (up to step "
+                f"{checkpoint.step_of(found[-1])}), and this run has world size {world_size} (train.nproc_per_node="
+                f"{tc.nproc_per_node} x train.nnodes={tc.nnodes}); a checkpoint resumes only at the world size that "
+                f"wrote it. To continue that run, set train.nproc_per_node x train.nnodes back to {other}; to start "
+                f"over at world size {world_size}, run `ddpm train --fresh` (the checkpoints in {other_dir} are kept)")
 
 
 def learning_rate(step: int, cfg) -> float:
@@ -130,31 +163,42 @@ def _new_state(cfg: Config, channels: int, resolution: int, device: torch.device
     return TrainState(model, ema, opt, generator, device, precision)
 
 
-def _resume(s: TrainState, ckpt_dir: Path, fresh: bool) -> None:
+def _resume(s: TrainState, ckpt_dir: Path, fresh: bool, world: distributed.World) -> None:
     if fresh:
-        for p in checkpoint.list_checkpoints(ckpt_dir):
+        for p in checkpoint.list_checkpoints(ckpt_dir) if world.main else []:
             p.unlink()
         return
     found = checkpoint.latest_valid(ckpt_dir)
     if found is not None:
         path, tensors, meta = found
         restore(s, tensors, meta, path)
-        print(f"resuming from {path} at step {s.step}")
+        distributed.restore_rng_state(tensors, world, s.device)
+        if world.main:
+            print(f"resuming from {path} at step {s.step}")
+    if not distributed.same_on_all_ranks(s.step, world, s.device):
+        raise RuntimeError(f"the ranks found different checkpoints in {ckpt_dir} (rank {world.rank}: step {s.step}): "
+                           f"train.checkpoint_dir must be one folder that every machine sees (shared storage)")
 
 
 # -- one step ---------------------------------------------------------------------------------------------
 
 def diffusion_loss(forward: Callable, schedule: NoiseSchedule, images: torch.Tensor, g: torch.Generator,
-                   cfg: Config, amp_dtype: torch.dtype | None) -> torch.Tensor:
+                   cfg: Config, amp_dtype: torch.dtype | None, world: distributed.World = distributed.World()
+                   ) -> torch.Tensor:
     """Algorithm 1 of Ho et al. 2020 for one batch of uint8 images (B, C, H, W) on the device:
-    the (min-SNR weighted) mean squared error of the objective, a scalar on the device."""
+    the (min-SNR weighted) mean squared error of the objective, a scalar on the device.
+    With several ranks ``images`` is this rank's slice of the global batch: the timesteps, noise and
+    flips of the whole batch are drawn (the generator stays the same on every rank) and the slice kept."""
     tc, objective, device = cfg.train, cfg.diffusion.objective, images.device
     x0 = images.float().div(127.5).sub(1)  # (B, C, H, W) in [-1, 1]
     B = x0.shape[0]
-    t = torch.randint(0, schedule.T, (B,), generator=g, device=device)
-    noise = torch.randn(x0.shape, generator=g, device=device)
+    t = torch.randint(0, schedule.T, (B * world.size,), generator=g, device=device)
+    noise = torch.randn((B * world.size, *x0.shape[1:]), generator=g, device=device)
+    flip = torch.rand(B * world.size, generator=g, device=device) < 0.5 if tc.hflip else None
+    if world.size > 1:
+        mine = slice(world.rank * B, (world.rank + 1) * B)
+        t, noise, flip = t[mine], noise[mine], None if flip is None else flip[mine]
     if tc.hflip:
-        flip = torch.rand(B, generator=g, device=device) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     if tc.channels_last:
         x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
@@ -169,16 +213,20 @@ def diffusion_loss(forward: Callable, schedule: NoiseSchedule, images: torch.Ten
 
 
 def _optimizer_step(s: TrainState, batches: Batches, schedule: NoiseSchedule, forward: Callable, cfg: Config,
-                    lr: float, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """One optimizer step over ``grad_accum_steps`` micro-batches; returns the step's loss on the device."""
+                    lr: float, amp_dtype: torch.dtype | None, world: distributed.World) -> torch.Tensor:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns the step's loss (this rank's)
+    on the device. With several ranks DDP averages the gradients in the last micro-batch's backward."""
     tc = cfg.train
     for group in s.opt.param_groups:
         group["lr"] = lr
     step_loss = torch.zeros((), device=s.device)
-    for _ in range(tc.grad_accum_steps):
+    for micro in range(tc.grad_accum_steps):
         images, s.epoch, s.pos = batches.next(s.epoch, s.pos)
-        loss = diffusion_loss(forward, schedule, images, s.generator, cfg, amp_dtype) / tc.grad_accum_steps
-        loss.backward()
+        no_sync = getattr(forward, "no_sync", None)  # DDP: exchange gradients once per step, not per micro-batch
+        last = micro == tc.grad_accum_steps - 1
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            loss = diffusion_loss(forward, schedule, images, s.generator, cfg, amp_dtype, world) / tc.grad_accum_steps
+            loss.backward()
         step_loss += loss.detach()
     if tc.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), tc.grad_clip_norm, foreach=True)
@@ -213,65 +261,79 @@ def train(cfg: Config, prepared_dir: str | Path, callback: Callback | None = Non
     last checkpoint. A ``checkpoint`` event is sent once its file is on disk. Once
     ``stop`` is set, the step in progress ends, a checkpoint is written and
     :class:`TrainingStopped` is raised (what a SIGTERM handler asks for).
+
+    Inside torchrun (several ranks) every rank calls this; only rank 0 calls ``callback`` and writes files.
     """
-    tc, callback = cfg.train, callback or (lambda event: None)
-    device = resolve_device(tc.device)
+    tc, world = cfg.train, distributed.current()
+    callback = (callback or (lambda event: None)) if world.main else (lambda event: None)
+    if tc.batch_size % world.size:
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the world size {world.size} "
+                          f"(the number of ranks torchrun started)")
+    device = distributed.rank_device(resolve_device(tc.device), world)
     amp_dtype = autocast_dtype(tc.mixed_precision, device)
     precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
     manifest = load_manifest(prepared_dir)
+    refuse_other_world_size(cfg, prepared_dir, fresh, world.size)
     images = load_split(prepared_dir, "train").images
     n, channels, resolution = images.shape[0], images.shape[1], images.shape[2]
-    with backend_settings(device, tc.deterministic):
-        batches = Batches(images, tc.batch_size, tc.seed, device)
+    with backend_settings(device, tc.deterministic), distributed.process_group(world, device):
+        batches = Batches(images, tc.batch_size, tc.seed, device, rank=world.rank, world_size=world.size)
         s = _new_state(cfg, channels, resolution, device, precision)
+        distributed.seed_rank(tc.seed, world)
         schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.timesteps,
                                            cfg.diffusion.zero_terminal_snr).to(device)
-        forward = s.model
+        forward = distributed.data_parallel(s.model, world, device)
         if tc.compile:
-            example = torch.zeros(tc.batch_size, channels, resolution, resolution, device=device)
-            forward = compile_or_eager(s.model, (example, torch.zeros(tc.batch_size, dtype=torch.long, device=device)),
-                                amp_dtype)
-        ckpt_dir = checkpoint_dir(cfg, prepared_dir)
-        _resume(s, ckpt_dir, fresh)
+            b = tc.batch_size // world.size
+            example = torch.zeros(b, channels, resolution, resolution, device=device)
+            forward = compile_or_eager(forward, (example, torch.zeros(b, dtype=torch.long, device=device)), amp_dtype)
+        ckpt_dir = checkpoint_dir(cfg, prepared_dir, world.size)
+        _resume(s, ckpt_dir, fresh, world)
         resumed_from, nparams = s.step, s.model.num_parameters()
         callback({"event": "start", "step": s.step, "num_parameters": nparams, "device": str(device),
                   "precision": precision, "fingerprint": ckpt_dir.name, "resumed_from_step": resumed_from})
-        print(f"training {nparams / 1e6:.2f} M params on {device} ({precision}), {n} images "
-              f"{channels}x{resolution}x{resolution} ({'on the device' if batches.in_memory else 'memory-mapped'}), "
-              f"steps {s.step} -> {tc.steps}")
+        if world.main:
+            ranks = f" x {world.size} ranks" if world.size > 1 else ""
+            print(f"training {nparams / 1e6:.2f} M params on {device}{ranks} ({precision}), {n} images "
+                  f"{channels}x{resolution}x{resolution} ({'on the device' if batches.in_memory else 'memory-mapped'}), "
+                  f"steps {s.step} -> {tc.steps}")
         elapsed = _loop(s, cfg, batches, schedule, forward, amp_dtype, ckpt_dir, callback,
-                        (channels, resolution, resolution), stop or threading.Event())
+                        (channels, resolution, resolution), stop or threading.Event(), world)
 
-    # -- outputs ----------------------------------------------------------------------------------------
+    # -- outputs (rank 0) ---------------------------------------------------------------------------------
     out_dir = Path(tc.out_dir)
+    model_path, loss_csv = out_dir / "model.safetensors", Path(tc.loss_path)
+    images_total = (s.step - resumed_from) * tc.batch_size * tc.grad_accum_steps
+    final_loss = s.history[-1]["loss"] if s.history else float("nan")
+    result = TrainResult(s.step, final_loss, images_total / elapsed if elapsed > 0 else 0.0, nparams, model_path,
+                         loss_csv, ckpt_dir, resumed_from, s.history, elapsed, f"{device} ({precision})")
+    if not world.main:
+        return result
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / "model.safetensors"
     save_model(model_path, s.ema, cfg.diffusion.schedule, cfg.diffusion.timesteps, cfg.diffusion.objective,
                extra={"data_hash": manifest["content_hash"], "steps": s.step, "fingerprint": ckpt_dir.name},
                zero_terminal_snr=cfg.diffusion.zero_terminal_snr)
-    loss_csv = Path(tc.loss_path)
     loss_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(loss_csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(s.history)
-    images_total = (s.step - resumed_from) * tc.batch_size * tc.grad_accum_steps
-    final_loss = s.history[-1]["loss"] if s.history else float("nan")
     callback({"event": "end", "step": s.step, "final_loss": final_loss, "model_path": str(model_path)})
-    return TrainResult(s.step, final_loss, images_total / elapsed if elapsed > 0 else 0.0, nparams, model_path,
-                       loss_csv, ckpt_dir, resumed_from, s.history, elapsed, f"{device} ({precision})")
+    return result
 
 
 def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule, forward: Callable, amp_dtype,
-          ckpt_dir: Path, callback: Callback, shape: tuple[int, int, int], stop: threading.Event) -> float:
+          ckpt_dir: Path, callback: Callback, shape: tuple[int, int, int], stop: threading.Event,
+          world: distributed.World) -> float:
     """Step to ``train.steps`` with maintenance on intervals, or until ``stop`` is set (then
-    :class:`TrainingStopped`, after a checkpoint); returns the seconds spent."""
+    :class:`TrainingStopped`, after a checkpoint); returns the seconds spent. Several ranks agree on
+    the loss (its mean over the ranks) and on stopping at maintenance steps; rank 0 writes checkpoints."""
     tc = cfg.train
     writer, last_on_disk = checkpoint.BackgroundWriter(), [s.step]
     images_per_step = tc.batch_size * tc.grad_accum_steps
     t_start = t_window = time.perf_counter()
     steps_in_window = 0
-    bar = tqdm(total=tc.steps, initial=s.step, desc="train", unit="step", mininterval=1.0)
+    bar = tqdm(total=tc.steps, initial=s.step, desc="train", unit="step", mininterval=1.0, disable=not world.main)
     s.model.train()
 
     def on_disk() -> None:  # wait for the checkpoint in flight, then tell the callback it is there
@@ -285,7 +347,7 @@ def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule,
             while s.step < tc.steps:
                 # -- step and EMA ---------------------------------------------------------------------
                 lr = learning_rate(s.step, tc)
-                step_loss = _optimizer_step(s, batches, schedule, forward, cfg, lr, amp_dtype)
+                step_loss = _optimizer_step(s, batches, schedule, forward, cfg, lr, amp_dtype, world)
                 ema_update(s.ema, s.model, ema_beta(s.step, tc.ema_halflife_steps, tc.ema_rampup_ratio))
                 s.step += 1
                 s.window_loss += step_loss
@@ -294,11 +356,15 @@ def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule,
                 bar.update(1)
 
                 # -- maintenance: report, checkpoint, stop ---------------------------------------------
-                stopping = stop.is_set()
+                stopping = stop.is_set() and world.size == 1  # several ranks decide together, below
                 log_now = s.step % tc.log_every_steps == 0 or s.step == tc.steps
                 checkpoint_now = s.step % tc.checkpoint_every_steps == 0 or s.step == tc.steps or stopping
                 if not (log_now or checkpoint_now):
                     continue
+                if world.size > 1:  # collectives: every rank reaches them at the same steps
+                    stopping = distributed.any_rank(stop.is_set(), world, s.device)
+                    checkpoint_now = checkpoint_now or stopping
+                    distributed.mean_(s.window_loss, world)  # from here every rank holds the ranks' mean
                 on_disk()
                 window_loss = float(s.window_loss)  # the one host sync of a logging interval
                 if not math.isfinite(window_loss):
@@ -317,8 +383,11 @@ def _loop(s: TrainState, cfg: Config, batches: Batches, schedule: NoiseSchedule,
                     s.window_loss.zero_()
                     s.window_n, steps_in_window, t_window = 0, 0, now
                 if checkpoint_now and last_on_disk[0] != s.step:
-                    tensors, meta = to_checkpoint(s, ckpt_dir.name)
-                    writer.submit(checkpoint.step_path(ckpt_dir, s.step), tensors, meta, tc.keep_checkpoints)
+                    rank_rngs = distributed.rng_states(world, s.device)  # a collective: every rank's to rank 0
+                    if world.main:
+                        tensors, meta = to_checkpoint(s, ckpt_dir.name)
+                        writer.submit(checkpoint.step_path(ckpt_dir, s.step), {**tensors, **rank_rngs}, meta,
+                                      tc.keep_checkpoints)
                 if stopping:
                     on_disk()
                     raise TrainingStopped(s.step, str(checkpoint.step_path(ckpt_dir, s.step)))

@@ -17,6 +17,7 @@ from ddpm import config as config_mod
 from ddpm.config import Config, ConfigError
 from flows.stage_failure import StageFailed
 from flows.dvc_cache import CorruptCache, PushIncomplete
+from flows.launch import RanksFailed
 from flows.serve import ServerUnavailable
 from flows.tracking_outage import TrackingUnavailable
 from flows.signals import Stopped, StopRequest, stop_on_signals
@@ -41,24 +42,38 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     """SIGTERM or SIGINT: the step in progress ends, a checkpoint is written, the MLflow run ends KILLED,
-    and the command exits 128 + the signal; the next run resumes from that step in the same MLflow run."""
+    and the command exits 128 + the signal; the next run resumes from that step in the same MLflow run.
+    With train.nproc_per_node x train.nnodes > 1 it starts the ranks through torchrun (flows/launch.py),
+    each running this command again: rank 0 as below, the others training only."""
+    from ddpm import distributed
+
+    cfg = _load(args)
+    if cfg.train.world_size > 1 and not distributed.launched():
+        from flows.launch import launch_ranks
+
+        launch_ranks(args, cfg)
+        return
     request = StopRequest()
     with stop_on_signals(graceful=request):
         _train(args, request)
 
 
 def _train(args, request: StopRequest) -> None:
+    from ddpm import distributed
     from ddpm.prepare import load_manifest
     from ddpm.train import TrainingStopped, checkpoint_dir, train
     from flows.tracking import write_run_file
 
     cfg = _load(args)
     prepared = cfg.prepare.out_dir
-    if not _tracked(args):
+    main_rank = distributed.current().main  # other ranks train only: no MLflow, no files
+    if not _tracked(args) or not main_rank:
         try:
             result = train(cfg, prepared, fresh=args.fresh, stop=request)
         except TrainingStopped as exc:
             raise Stopped(request.signum, str(exc)) from None
+        if not main_rank:
+            return
         summary = _train_summary(result)
         write_run_file(cfg.train.out_dir, {**summary, "run_id": None})
         return
@@ -442,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrackingUnavailable, PushIncomplete) as exc:  # transient: exit 1 (the flow retries a stage)
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except RanksFailed as exc:
+        print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:
         from ddpm.checkpoint import CheckpointError
         from ddpm.train import TrainingOutOfMemoryError
