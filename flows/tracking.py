@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.config import Config
+from flows import model_safety
 
 RUN_FILE = "mlflow.json"
 # What the logged pyfunc needs where it is loaded (the ddpm library itself travels in the model as code)
@@ -351,6 +352,7 @@ def register_model(root: str | Path, run_id: str, model_path: str | Path, cfg: C
         version = str(max(int(mv.version) for mv in done))
         print(f"{cfg.tracking.model_name} version {version} is already registered for run {run_id}; not again")
         return version
+    c.set_tag(run_id, model_safety.WEIGHTS_TAG, model_safety.sha256_of(model_path))  # checked by every loader
     unet = load_model(model_path).unet.config
     shape = (unet["channels"], unet["resolution"], unet["resolution"])
     sample = {k: v for k, v in dataclasses.asdict(cfg.sample).items()
@@ -406,6 +408,18 @@ def resolve_model(root: str | Path, ref: str, download_dir: str | Path) -> tuple
     mv = registry_version(root, ref)
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(download_dir))
     weights = next(Path(local).rglob("model.safetensors"), None)
+    model_safety.check_version(ref, mv.version, Path(local), weights, _logged_sha256(root, mv.run_id))
     if weights is None:
         raise FileNotFoundError(f"model {ref} (version {mv.version}) holds no model.safetensors")
     return weights, mv.run_id
+
+
+def _logged_sha256(root: str | Path, run_id: str | None) -> str | None:
+    """The weights' sha256 the run logged when it registered them (None: a version registered before the
+    project logged it, or a run no longer in the store)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(root).get_run(run_id).data.tags.get(model_safety.WEIGHTS_TAG) if run_id else None
+    except MlflowException:
+        return None

@@ -154,3 +154,58 @@ def test_mlflow_models_serve_answers_with_images(registered, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
+
+
+class Pickled(__import__("mlflow").pyfunc.PythonModel):
+    """A pyfunc logged as an object: MLflow cloudpickles it into python_model.pkl."""
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_a_version_that_carries_a_pickle_is_refused_unless_trusted(registered, tmp_path, monkeypatch):
+    import mlflow
+
+    from flows.model_safety import UnsafeModel
+
+    root = registered["root"]
+    c = tracking.client(root)
+    run_id = c.create_run(tracking.experiment_id(c, root, "pyfunc")).info.run_id
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Pickled(), registered_model_name=NAME,
+                                       artifacts={"weights": str(root / "model.safetensors")})
+    ref = f"models:/{NAME}/{info.registered_model_version}"
+    with pytest.raises(UnsafeModel) as caught:
+        tracking.resolve_model(root, ref, tmp_path / "a")
+    assert str(caught.value).startswith(f"model {ref} (version {info.registered_model_version}) carries a pickle "
+                                        "(python_model.pkl): loading it would run whatever code was pickled into it")
+    out = subprocess.run([str(Path(sys.executable).with_name("ddpm")), "sample", "--no-track", "--model", ref,
+                          "-S", f"sample.out_dir={tmp_path / 's'}"], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]})
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == f"ddpm sample: error: {caught.value}"
+    assert not list((tmp_path / "s").glob("*.npz")) and not list((tmp_path / "s").glob("*.png"))  # nothing sampled
+    monkeypatch.setenv("DDPM_TRUST_PICKLES", "1")  # the opt-in for a trusted store
+    weights, _ = tracking.resolve_model(root, ref, tmp_path / "b")
+    assert weights.name == "model.safetensors"
+
+
+def test_weights_changed_after_registration_are_refused(registered, tmp_path):
+    from ddpm import config as config_mod
+    from flows.model_safety import UnsafeModel
+
+    root = registered["root"]
+    c = tracking.client(root)
+    run_id = c.create_run(tracking.experiment_id(c, root, "pyfunc")).info.run_id
+    cfg = config_mod.load("params.yaml", ["prepare.resolution=8", "model.channel_mults=[1, 2]", "model.base_channels=8",
+                                          f"tracking.model_name={NAME}", "sample.steps=3"])
+    version = tracking.register_model(root, run_id, root / "model.safetensors", cfg)
+    ref = f"models:/{NAME}/{version}"
+    assert tracking.resolve_model(root, ref, tmp_path / "a")[1] == run_id  # as registered: loads
+    model_id = c.get_model_version(NAME, version).source.removeprefix("models:/")
+    [stored] = [p for p in (root / "mlartifacts").rglob("model.safetensors") if model_id in p.as_posix()]
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor
+    stored.write_bytes(bytes(data))
+    with pytest.raises(UnsafeModel, match=rf"^model {ref} \(version {version}\): model\.safetensors does not hash "
+                                          r"to the sha256 its training run logged"):
+        tracking.resolve_model(root, ref, tmp_path / "b")
