@@ -452,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.deterministic else 1
     except (ConfigError, FileNotFoundError, ValueError, ServerUnavailable, WorkspaceBusy, CorruptCache) as exc:
+        _quiet_prefect()
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (TrackingUnavailable, PushIncomplete) as exc:  # transient: exit 1 (the flow retries a stage)

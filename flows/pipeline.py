@@ -10,6 +10,7 @@ publishing a markdown artifact with the metrics and where the results are.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import CancelledRun
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from prefect.states import Cancelled
 
 from ddpm import config as config_mod
@@ -270,6 +272,16 @@ def _run_stages(root: Path, overrides: list[str], push: bool, name: str | None, 
             "run": tracking.read_run_file(root / cfg.train.out_dir)}
 
 
+TEMPORARY_SERVER_STARTUP_S = 120  # Prefect's default, 20 s, is too short for a loaded 2-core machine
+
+
+def _patient_temporary_server():
+    """Give the temporary (ephemeral) Prefect server 120 s to start, unless the user set the limit."""
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        return contextlib.nullcontext()
+    return temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: TEMPORARY_SERVER_STARTUP_S})
+
+
 def run_pipeline(root: str = ".", params: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     """Entry point of ``ddpm pipeline``: validates first so a bad override fails before Prefect starts."""
     tracking.quiet_env()
@@ -277,8 +289,18 @@ def run_pipeline(root: str = ".", params: str = "params.yaml", overrides: list[s
         raise config_mod.ConfigError("the pipeline reads params.yaml in the project root (DVC does too); "
                                      f"--params {params} is not supported here")
     config_mod.load(params, overrides)
-    with workspace_lock.hold(root):  # a busy workspace is refused before a Prefect server starts
+    with workspace_lock.hold(root), _patient_temporary_server():  # busy: refused before a Prefect server starts
         try:
             return ddpm_pipeline(root=root, overrides=overrides or [])
         except CancelledRun as exc:  # the flow run ended Cancelled: say why, and exit as the signal would
             raise Stopped.from_message(str(exc)) from None
+        except RuntimeError as exc:
+            if "ephemeral Prefect API server" not in str(exc):
+                raise
+            from flows.serve import ServerUnavailable
+
+            limit = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+            raise ServerUnavailable(
+                f"the temporary Prefect server did not answer within {limit:g} s "
+                f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); nothing ran. On a busy machine raise it, "
+                f"or start a server once with `make prefect-server` and set PREFECT_API_URL") from None

@@ -64,3 +64,20 @@ def test_ui_on_a_busy_port_fails_and_says_so(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         f"ddpm ui: error: cannot serve the MLflow UI on 127.0.0.1:{port}: Address already in use (another UI or "
         "server is there; open it, or choose another --port)")
+
+
+def test_a_temporary_prefect_server_that_does_not_start_in_time_is_one_line(tmp_path):
+    """The embedded server gets 120 s by default (Prefect's 20 s failed `make run` on a loaded machine); past
+    the limit the user reads what happened and what to do, not Prefect's traceback, and nothing ran."""
+    from tests.conftest import make_project
+
+    project = make_project(tmp_path / "project")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1", PREFECT_HOME=str(tmp_path / "prefect"))
+    out = subprocess.run([DDPM, "pipeline"], cwd=project, capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ddpm pipeline: error: the temporary Prefect server did not answer within 1 s "
+        "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); nothing ran. On a busy machine raise it, or start a "
+        "server once with `make prefect-server` and set PREFECT_API_URL"), out.stderr[-3000:]
+    assert not (project / "data" / "prepared").exists() and not (project / "mlflow.db").exists()
