@@ -12,6 +12,8 @@ from collections.abc import Sequence
 # `ddpm <stage>` exits 2 for the errors it explains (bad config or data, divergence, out of memory)
 EXIT_DETERMINISTIC = 2
 _DVC_ERROR = "ERROR: "
+# what /bin/sh prints for a child a signal ended (DVC then reports the shell's exit 128 + the signal)
+_SHELL_SIGNAL_LINES = ("Killed", "Terminated", "Aborted", "Segmentation fault", "Bus error")
 
 
 class StageFailed(RuntimeError):
@@ -53,8 +55,10 @@ def classify(stage: str, lines: Sequence[str]) -> StageFailed:
         code = int(exited.group(1))
         own = [ln for ln in lines if not ln.startswith(_DVC_ERROR)]
         reason = next((ln for ln in reversed(own) if re.match(r"ddpm \w+: error: ", ln)), own[-1] if own else "no output")
-        if code < 0:  # killed by a signal (the OOM killer, a kill -9): the command printed no reason of its own
-            reason = f"killed by {_signal_name(-code)}" + ("" if reason.startswith("> ") else f" after: {reason}")
+        signum = -code if code < 0 else code - 128 if 128 < code < 160 and reason in _SHELL_SIGNAL_LINES else 0
+        if signum:  # killed by a signal (the OOM killer, a kill -9): the command printed no reason of its own
+            shown = reason.startswith("> ") or reason in _SHELL_SIGNAL_LINES
+            reason = f"killed by {_signal_name(signum)}" + ("" if shown else f" after: {reason}")
         return StageFailed(stage, code, reason, code == EXIT_DETERMINISTIC)
     reason = dvc_errors[-1][len(_DVC_ERROR):] if dvc_errors else (lines[-1] if lines else "no output")
     return StageFailed(stage, None, reason, "lock" not in reason.lower())
