@@ -55,18 +55,15 @@ def cmd_train(args) -> None:
         return
     request = StopRequest()
     with stop_on_signals(graceful=request):
-        _train(args, request)
+        _train(args, cfg, request, distributed.current().main)
 
 
-def _train(args, request: StopRequest) -> None:
-    from ddpm import distributed
+def _train(args, cfg: Config, request: StopRequest, main_rank: bool) -> None:
     from ddpm.prepare import load_manifest
     from ddpm.train import TrainingStopped, checkpoint_dir, train
     from flows.tracking import write_run_file
 
-    cfg = _load(args)
     prepared = cfg.prepare.out_dir
-    main_rank = distributed.current().main  # other ranks train only: no MLflow, no files
     if not _tracked(args) or not main_rank:
         try:
             result = train(cfg, prepared, fresh=args.fresh, stop=request)

@@ -49,16 +49,20 @@ def corrupt_files(root: Path, stages: Sequence[str] | None = None) -> list[Corru
     name. Cache files that are absent are not listed (``dvc status`` reports those)."""
     from dvc.repo import Repo
 
-    found = []
     with in_dir(root), Repo(str(root)) as repo:  # stage names relative to the root
-        for stage in repo.index.stages:
-            if stages is not None and stage.addressing not in stages:
-                continue
-            for out in stage.outs:
-                if out.use_cache and out.hash_info and out.hash_info.value:
-                    found += [CorruptFile(stage.addressing, os.path.relpath(path, repo.root_dir),
-                                          os.path.relpath(cache_file, repo.root_dir))
-                              for path, cache_file in _corrupt_in(out)]
+        return _corrupt_in_repo(repo, stages)
+
+
+def _corrupt_in_repo(repo, stages: Sequence[str] | None) -> list[CorruptFile]:
+    found = []
+    for stage in repo.index.stages:
+        if stages is not None and stage.addressing not in stages:
+            continue
+        for out in stage.outs:
+            if out.use_cache and out.hash_info and out.hash_info.value:
+                found += [CorruptFile(stage.addressing, os.path.relpath(path, repo.root_dir),
+                                      os.path.relpath(cache_file, repo.root_dir))
+                          for path, cache_file in _corrupt_in(out)]
     return found
 
 
@@ -94,10 +98,10 @@ def push(root: Path) -> int:
     the number of files pushed."""
     from dvc.repo import Repo
 
-    corrupt = corrupt_files(root)
-    if corrupt:
-        raise CorruptCache(corrupt, "dvc push refused, nothing was pushed")
     with in_dir(root), Repo(str(root)) as repo:
+        corrupt = _corrupt_in_repo(repo, None)
+        if corrupt:
+            raise CorruptCache(corrupt, "dvc push refused, nothing was pushed")
         pushed = repo.push()
         absent = {path: state for path, state in repo.status(cloud=True).items() if state in ("new", "missing")}
     if absent:
