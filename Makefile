@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup data run test clean prefect-server mlflow-ui sweep bench-train gpu-wheels
+.PHONY: setup data run test clean prefect-server mlflow-ui mlflow-server deploy worker sweep bench-train gpu-wheels
 
 $(BIN)/ddpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,20 @@ prefect-server: setup
 
 mlflow-ui: setup
 	$(BIN)/ddpm ui --port $(MLFLOW_PORT)
+
+# Scaled out (docs/scale-out.md): a shared MLflow server on PostgreSQL (Debian's postgresql package), the pipeline
+# deployed to the Prefect work pool `ddpm` at this commit, and a worker on it (one flow run at a time).
+PG_PORT ?= 5433
+mlflow-server: setup
+	$(BIN)/python -m pip install -q -e '.[server,s3]'
+	$(BIN)/ddpm mlflow-server --port $(MLFLOW_PORT) --pg-port $(PG_PORT) $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
+
+deploy: setup
+	$(BIN)/ddpm deploy
+
+worker: setup
+	$(BIN)/python -m pip install -q -e '.[s3]'
+	$(BIN)/ddpm worker $(if $(WORKER_NAME),--name $(WORKER_NAME))
 
 # Every ignored path the pipeline and the ddpm commands create (README, "Tracking store"): stage outputs, checkpoints,
 # downloaded models, the MLflow store and its artifacts (mlruns/: an experiment made by an older version), the DVC
