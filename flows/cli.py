@@ -18,6 +18,7 @@ from ddpm.config import Config, ConfigError
 from flows.stage_failure import StageFailed
 from flows.dvc_cache import CorruptCache, PushIncomplete
 from flows.launch import RanksFailed
+from flows.mlflow_server import BackendUnavailable
 from flows.serve import ServerUnavailable
 from flows.tracking_outage import TrackingUnavailable
 from flows.signals import Stopped, StopRequest, stop_on_signals
@@ -363,10 +364,11 @@ def cmd_pipeline(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from flows.sweep import load_study, run_study
+    from flows.sweep import load_study, run_study, run_study_on_workers
 
     study = load_study(args.file, args.params)  # every recipe validated before anything runs
-    rows = run_study(".", study, args.params, args.leaderboard)
+    run = run_study_on_workers if args.on_workers else run_study
+    rows = run(".", study, args.params, args.leaderboard)
     failed = [r["recipe"] for r in rows if r["status"] != "ok"]
     done = len(rows) - len(failed)
     print(f"study {study.name}: {done} recipe{'' if done == 1 else 's'} finished, {len(failed)} failed"
@@ -377,6 +379,31 @@ def cmd_serve(args) -> None:
     from flows.serve import serve
 
     serve(root=".", cron=args.cron, interval_s=args.interval, name=args.name)
+
+
+def cmd_deploy(args) -> None:
+    from flows.workers import deploy
+
+    deploy(root=".", pool=args.pool, repository=args.repository)
+
+
+def cmd_worker(args) -> int:
+    from flows.workers import start_worker
+
+    return start_worker(root=".", pool=args.pool, name=args.name, limit=args.limit)
+
+
+def cmd_pull_inputs(args) -> None:
+    from flows.workers import pull_inputs
+
+    pull_inputs(root=".")
+
+
+def cmd_mlflow_server(args) -> int:
+    from flows.mlflow_server import serve
+
+    return serve(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
+                 artifacts_destination=args.artifacts_destination, pg_port=args.pg_port, pg_data=args.pg_data)
 
 
 def cmd_ui(args) -> int:
@@ -417,11 +444,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sweep)
     p.add_argument("file", help="sweep file, e.g. sweeps/fashion_cpu.yaml")
     p.add_argument("--leaderboard", default="metrics/leaderboard.csv", help="where the leaderboard goes")
+    p.add_argument("--on-workers", action="store_true", help="one flow run of the workers' deployment per recipe "
+                   "(ddpm deploy, ddpm worker; PREFECT_API_URL and a shared MLFLOW_TRACKING_URI)")
     p = sub.add_parser("serve", help="run the pipeline on a schedule against a Prefect server (PREFECT_API_URL)")
     p.add_argument("--cron", help='cron schedule, e.g. "0 3 * * *"')
     p.add_argument("--interval", type=int, help="run every N seconds")
     p.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("deploy", help="deploy the pipeline at this commit to the Prefect work pool (prefect.yaml)")
+    p.add_argument("--pool", default="ddpm", help="work pool (default: ddpm)")
+    p.add_argument("--repository", help="where workers clone the project (default: git's origin, else this folder)")
+    p.set_defaults(fn=cmd_deploy)
+    p = sub.add_parser("worker", help="start a Prefect worker on the work pool: one flow run at a time")
+    p.add_argument("--pool", default="ddpm", help="work pool (default: ddpm)")
+    p.add_argument("--name", help="worker name (default: Prefect's)")
+    p.add_argument("--limit", type=int, default=1, help="flow runs at a time (default: 1, one training per GPU)")
+    p.set_defaults(fn=cmd_worker)
+    p = sub.add_parser("pull-inputs", help="dvc pull what dvc.lock names from the default remote, allowing "
+                       "missing files (a worker's pull step)")
+    p.set_defaults(fn=cmd_pull_inputs)
+    p = sub.add_parser("mlflow-server", help="a shared MLflow tracking server on PostgreSQL with proxied artifacts")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--backend-store-uri", help="postgresql://USER:PASSWORD@HOST:PORT/DB (default: start a local "
+                   "PostgreSQL in .mlflow-server/postgres)")
+    p.add_argument("--artifacts-destination", help="folder or s3://bucket/path (default: .mlflow-server/artifacts)")
+    p.add_argument("--pg-port", type=int, default=5433, help="port of the local PostgreSQL (default: 5433)")
+    p.add_argument("--pg-data", help="data folder of the local PostgreSQL (default: .mlflow-server/postgres)")
+    p.set_defaults(fn=cmd_mlflow_server)
     p = sub.add_parser("ui", help="start the MLflow UI for the project's tracking store on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -452,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_prefect()
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (TrackingUnavailable, PushIncomplete) as exc:  # transient: exit 1 (the flow retries a stage)
+    except (TrackingUnavailable, PushIncomplete, BackendUnavailable) as exc:  # transient: exit 1 (the flow retries a stage)
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except RanksFailed as exc:

@@ -312,3 +312,97 @@ def plot(rows: list[dict], metric: str, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- the study fanned out over Prefect workers (flows/workers.py) ---------------------------------------
+
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def _submit(study: Study, recipe: Recipe, parent_id: str | None):
+    """One flow run of the workers' deployment for ``recipe``, scheduled now; returns it."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    from flows import workers
+
+    try:
+        return run_deployment(workers.DEPLOYMENT, timeout=0, flow_run_name=experiment_name(study.name, recipe.name),
+                              parameters={"overrides": list(recipe.overrides), "study": study.name,
+                                          "recipe": recipe.name, "study_run_id": parent_id or ""})
+    except ObjectNotFound:
+        raise ValueError(f"the Prefect server has no deployment {workers.DEPLOYMENT}: run `ddpm deploy` "
+                         f"(make deploy) in the project first, and start workers with `make worker`") from None
+
+
+def _worker_row(root: Path, study: Study, recipe: Recipe, params: Path, flow_run, parent_id: str | None) -> dict:
+    """A leaderboard row from a finished flow run and the recipe's MLflow run on the shared server."""
+    import tempfile
+
+    from flows import tracking
+
+    cfg = config_mod.load(params, list(recipe.overrides))
+    row: dict[str, Any] = {
+        "recipe": recipe.name, "family": recipe.family, "overrides": " ".join(recipe.overrides),
+        "images_seen": cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum_steps,
+        "sampler": cfg.sample.sampler, "sample_steps": cfg.sample.steps, "experiment": flow_run.name}
+    state = flow_run.state
+    run = _train_run(root, parent_id, recipe.name)
+    if state.type.value != "COMPLETED" or run is None:
+        reason = (state.message or state.name) if state.type.value != "COMPLETED" else "no MLflow run was found"
+        return {**row, "status": "failed", "reason": reason[:500]}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.client(root).download_artifacts(
+            run.info.run_id, f"evaluation/{Path(cfg.evaluate.metrics_path).name}", tmp)
+        metrics = json.loads(Path(path).read_text())
+    row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    row.update(mlflow_run_id=run.info.run_id, train_seconds=run.data.metrics.get("train_seconds", ""),
+               device=run.data.tags.get("ddpm.device", ""))
+    return {**row, "status": "ok", "reason": ""}
+
+
+def run_study_on_workers(root: str | Path, study: Study, params: str | Path = "params.yaml",
+                         leaderboard: str | Path = LEADERBOARD, poll_s: float = 5.0) -> list[dict]:
+    """Every recipe without a leaderboard row as one flow run of the workers' deployment, all submitted at
+    once (the workers take them one per worker at a time); the rows come from the shared MLflow server as
+    the runs finish. Returns the leaderboard rows."""
+    from prefect.client.orchestration import get_client
+
+    from flows import tracking, workers
+    from flows.serve import check_prefect_server
+
+    root, board = Path(root).resolve(), Path(root).resolve() / leaderboard
+    api = check_prefect_server()
+    workers.check_tracking_server()
+    params = root / params
+    rows = read_leaderboard(board)
+    done = {r["recipe"] for r in rows if r.get("status") in ("ok", "failed")}
+    parent_id = _parent_run(root, study, params)
+    todo = [r for r in study.recipes if r.name not in done]
+    print(f"study {study.name}: {len(study.recipes)} recipes, {len(study.recipes) - len(todo)} already on "
+          f"{leaderboard}, {len(todo)} to run on the workers of {api}", flush=True)
+    pending = {}
+    for recipe in todo:
+        flow_run = _submit(study, recipe, parent_id)
+        pending[flow_run.id] = recipe
+        print(f"{recipe.name}: flow run {flow_run.name} ({flow_run.id}) scheduled", flush=True)
+    seen: dict = {}
+    with get_client(sync_client=True) as client:
+        while pending:
+            time.sleep(poll_s)
+            for run_id, recipe in list(pending.items()):
+                flow_run = client.read_flow_run(run_id)
+                state = flow_run.state.type.value
+                if seen.get(run_id) != state:
+                    seen[run_id] = state
+                    print(f"{recipe.name}: {flow_run.state.name}", flush=True)
+                if state in FINAL_STATES:
+                    del pending[run_id]
+                    row = _worker_row(root, study, recipe, params, flow_run, parent_id)
+                    rows = [r for r in rows if r["recipe"] != recipe.name] + [row]
+                    write_leaderboard(board, rows)
+    plot_path = plot(rows, study.metric, board.with_suffix(".png"))
+    if parent_id:
+        tracking.log_artifacts(root, parent_id, [board, plot_path])
+        tracking.client(root).set_terminated(parent_id, "FINISHED")
+    return rows

@@ -14,7 +14,7 @@ from ddpm.idx import write_idx
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # What a user's checkout holds: code, pipeline definition, params, DVC config.
-PROJECT_FILES = ("bin/ddpm", "ddpm", "flows", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+PROJECT_FILES = ("bin/ddpm", "ddpm", "flows", "params.yaml", "dvc.yaml", "prefect.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
                  ".gitignore", "pyproject.toml")
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
