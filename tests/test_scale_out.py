@@ -1,0 +1,223 @@
+"""Scaled out on loopback (docs/scale-out.md): an S3-compatible store (moto's server, as DVC's own tests use),
+`ddpm mlflow-server` (MLflow on a PostgreSQL of its own, artifacts proxied to S3), a Prefect server with the
+`ddpm` process work pool and two workers, each in a checkout of its own.
+
+Servers start once for the module; each is a subprocess on a free loopback port, stopped by its fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import run
+from tests.test_operations import (DDPM, MODEL_NAME, base_env, chromium_dom, free_port, spawn, stop, tail,
+                                   tiny_project, wait_for_checkpoint, wait_http)
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """`moto_server` on a free port with the buckets ddpm-dvc (the DVC remote) and ddpm-mlflow (artifacts)."""
+    import boto3
+
+    port, log = free_port(), tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = spawn([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, env=base_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/moto-api/", proc, 60, log)
+        client = boto3.client("s3", endpoint_url=url, **{k.lower(): v for k, v in CREDENTIALS.items()
+                                                           if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
+        for bucket in ("ddpm-dvc", "ddpm-mlflow"):
+            client.create_bucket(Bucket=bucket)
+        yield {"url": url, "client": client}
+    finally:
+        stop(proc)
+
+
+def _objects(s3: dict, bucket: str, prefix: str = "") -> list[str]:
+    pages = s3["client"].get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="module")
+def tracking_server(s3):
+    """`ddpm mlflow-server` with its own PostgreSQL and artifacts on s3://ddpm-mlflow/artifacts;
+    ``restart()`` SIGKILLs the server and its database together and starts them again."""
+    state = Path(tempfile.mkdtemp(prefix="ddpm-mlflow-server-"))
+    state.chmod(0o755)  # PostgreSQL runs as the user postgres, who must reach its data folder
+    port, pg_port, log = free_port(), free_port(), state / "server.log"
+    env = base_env(**CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3["url"])
+    cmd = [DDPM, "mlflow-server", "--port", str(port), "--pg-port", str(pg_port), "--pg-data", str(state / "pg"),
+           "--artifacts-destination", "s3://ddpm-mlflow/artifacts"]
+
+    def start() -> subprocess.Popen:
+        proc = spawn(cmd, log, cwd=state, env=env)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
+        except BaseException:
+            stop(proc, signal.SIGINT)
+            raise
+        return proc
+
+    def restart() -> None:
+        stop(server["proc"], signal.SIGKILL)
+        server["proc"] = start()
+
+    server = {"proc": start(), "url": f"http://127.0.0.1:{port}", "log": log, "restart": restart,
+              "pg": f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow"}
+    try:
+        yield server
+    finally:
+        stop(server["proc"], signal.SIGINT, grace_s=30)
+        subprocess.run(["runuser", "-u", "postgres", "--", shutil.which("pg_ctl") or "pg_ctl", "-D",
+                        str(state / "pg"), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def s3_project(base: Path, s3: dict, extra: list[str] = ()) -> Path:
+    """A tiny project whose default DVC remote is s3://ddpm-dvc/store on the moto server, committed."""
+    project = tiny_project(base, list(extra))
+    dvc = [sys.executable, "-m", "dvc"]
+    run([*dvc, "remote", "add", "-d", "shared", "s3://ddpm-dvc/store"], project)
+    run([*dvc, "remote", "modify", "shared", "endpointurl", s3["url"]], project)
+    run(["git", "commit", "-qam", "a shared DVC remote on S3"], project)
+    return project
+
+
+# --- MLflow on PostgreSQL, artifacts and the DVC remote on S3 ----------------------------------------
+
+def test_the_pipeline_against_postgresql_and_s3_with_a_tracking_server_that_restarts(tmp_path, s3, tracking_server,
+                                                                                      prefect_api_url):
+    """`ddpm pipeline` logging to `ddpm mlflow-server` (PostgreSQL, artifacts on S3) and pushing to an S3 DVC
+    remote; the server and its database are SIGKILLed at the first checkpoint and started again: training
+    goes on (or the flow's retry resumes it), and the server shows one finished run with every loss point,
+    its artifacts in the bucket, the registered version with the champion alias (the promotion gate), and
+    the UI shows the run; `dvc status -c` has nothing to push."""
+    project = s3_project(tmp_path, s3, ["train.steps=40", "train.log_every_steps=2", "train.checkpoint_every_steps=5",
+                                        "train.keep_checkpoints=20"])
+    url = tracking_server["url"]
+    env = base_env(**CREDENTIALS, MLFLOW_TRACKING_URI=url, OMP_NUM_THREADS="1", PREFECT_API_URL=prefect_api_url,
+                   MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")  # MLflow's HTTP retries 1, 2, 4, 8 s apart
+    log = tmp_path / "pipeline.log"
+    pipeline = spawn([DDPM, "pipeline"], log, cwd=project, env=env)
+    t0 = time.monotonic()
+    try:
+        wait_for_checkpoint(project, "*.safetensors", pipeline, log, 180)
+        tracking_server["restart"]()
+        back_at = time.monotonic() - t0
+        rc = pipeline.wait(timeout=420)
+    finally:
+        stop(pipeline)
+    text = log.read_text(errors="replace")
+    assert rc == 0, tail(log, 8000)
+    attempts = text.count("Running stage 'train'")
+    print(f"\nserver and database killed and back at {back_at:.1f} s; training attempts: {attempts}")
+    assert "MLflow unreachable" in text or "MLflow HTTP: Retrying" in text, text[-4000:]
+
+    rest = f"{url}/api/2.0/mlflow"
+    exp_id = httpx.get(f"{rest}/experiments/get-by-name", params={"experiment_name": "ddpm"},
+                       timeout=10).json()["experiment"]["experiment_id"]
+    [run_] = httpx.post(f"{rest}/runs/search", json={"experiment_ids": [exp_id]}, timeout=10).json()["runs"]
+    info = run_["info"]
+    assert info["status"] == "FINISHED"
+    assert info["artifact_uri"].startswith("mlflow-artifacts:/"), info["artifact_uri"]  # proxied by the server
+    hist = httpx.get(f"{rest}/metrics/get-history", params={"run_id": info["run_id"], "metric_key": "train_loss"},
+                     timeout=10).json()["metrics"]
+    assert sorted(int(m["step"]) for m in hist) == list(range(2, 41, 2))
+    alias = httpx.get(f"{rest}/registered-models/alias", params={"name": MODEL_NAME, "alias": "champion"}, timeout=10)
+    assert alias.status_code == 200 and alias.json()["model_version"]["run_id"] == info["run_id"], alias.text
+    # the artifacts are in the bucket, the model's weights among them; the stages' outputs on the DVC remote
+    keys = _objects(s3, "ddpm-mlflow", "artifacts/")
+    assert any(k.endswith("samples/grid.png") or k.endswith(".png") for k in keys), keys[:20]
+    assert any(k.endswith(".safetensors") for k in keys), keys[:20]
+    assert _objects(s3, "ddpm-dvc", "store/"), "nothing was pushed to the S3 DVC remote"
+    status = run([sys.executable, "-m", "dvc", "status", "-c"], project, env=env)
+    assert "new:" not in status.stdout and "missing:" not in status.stdout, status.stdout
+    page = chromium_dom(f"{url}/#/experiments/{exp_id}/runs/{info['run_id']}", tmp_path / "chromium")
+    assert info["run_id"] in page or info.get("run_name", "?") in page, page[-3000:]
+
+
+# --- the pipeline on Prefect workers ----------------------------------------------------------------
+
+@pytest.fixture
+def worker_env(s3, tracking_server, prefect_api_url, tmp_path):
+    home = tmp_path / "prefect_home"
+    home.mkdir()
+    return base_env(**CREDENTIALS, MLFLOW_TRACKING_URI=tracking_server["url"], PREFECT_API_URL=prefect_api_url,
+                    PREFECT_HOME=str(home), OMP_NUM_THREADS="1")
+
+
+SWEEP = """\
+study: w
+metric: fd_classifier
+recipes:
+  - {name: lr1, family: lr, set: {train.lr: 0.001}}
+  - {name: lr3, family: lr, set: {train.lr: 0.003}}
+"""
+
+
+def test_a_study_fans_out_over_two_workers_from_one_deployment(tmp_path, s3, worker_env):
+    """`ddpm deploy` registers prefect.yaml's deployment at the project's commit; two `ddpm worker`s, each in
+    a checkout of its own, take one flow run at a time; `ddpm sweep --on-workers` submits one flow run per
+    recipe through the API: each runs on a different worker in a fresh clone at that commit, pulls the
+    prepared data from the S3 remote (prepare is skipped), logs to the shared server, and the leaderboard
+    collects both."""
+    project = s3_project(tmp_path / "origin", s3)
+    dvc = [sys.executable, "-m", "dvc"]
+    run([*dvc, "repro", "prepare"], project, env=worker_env)
+    run([*dvc, "push"], project, env=worker_env)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "prepared data"], project)
+    (project / "sweeps").mkdir(exist_ok=True)
+    (project / "sweeps" / "w.yaml").write_text(SWEEP)
+
+    deployed = run([DDPM, "deploy"], project, env=worker_env)
+    assert "deployed ddpm-pipeline-at-commit/workers" in deployed.stdout, deployed.stdout + deployed.stderr
+    workers = []
+    for name in ("w1", "w2"):
+        checkout = tmp_path / name
+        run(["git", "clone", "-q", str(project), str(checkout)], tmp_path)
+        log = tmp_path / f"{name}.log"
+        workers.append((name, log, spawn([DDPM, "worker", "--name", name], log, cwd=checkout, env=worker_env)))
+    try:
+        sweep_log = tmp_path / "sweep.log"
+        sweep = spawn([DDPM, "sweep", "sweeps/w.yaml", "--on-workers"], sweep_log, cwd=project, env=worker_env)
+        try:
+            rc = sweep.wait(timeout=480)
+        finally:
+            stop(sweep)
+        logs = {name: log.read_text(errors="replace") for name, log, _ in workers}
+        assert rc == 0, tail(sweep_log, 6000) + "\n".join(f"--- {n}\n{t[-4000:]}" for n, t in logs.items())
+    finally:
+        for _, _, proc in workers:
+            stop(proc, signal.SIGINT, grace_s=20)
+    text = sweep_log.read_text(errors="replace")
+    assert "study w: 2 recipes finished, 0 failed" in text, text[-4000:]
+    from flows.sweep import read_leaderboard
+
+    rows = read_leaderboard(project / "metrics" / "leaderboard.csv")
+    assert sorted(r["recipe"] for r in rows) == ["lr1", "lr3"] and all(r["status"] == "ok" for r in rows), rows
+    assert all(float(r["fd_classifier_n16"]) > 0 and r["mlflow_run_id"] for r in rows), rows
+    # one flow run on each worker, each from a fresh clone that pulled the prepared data
+    submitted = {name: logs[name].count("submitting flow run") for name in logs}
+    assert submitted == {"w1": 1, "w2": 1}, submitted
+    for name, log_text in logs.items():
+        assert "dvc pull from s3://ddpm-dvc/store" in log_text, log_text[-4000:]
+        assert "stage prepare: up to date, skipped" in log_text, log_text[-4000:]
+    # each run's DVC experiment was pushed back to the repository the workers cloned
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
+    assert len(refs) == 2, refs
