@@ -17,6 +17,7 @@ from ddpm import config as config_mod
 from ddpm.config import Config, ConfigError
 from flows.stage_failure import StageFailed
 from flows.dvc_cache import CorruptCache, PushIncomplete
+from flows.dvc_remote import RemoteUnavailable
 from flows.launch import RanksFailed
 from flows.mlflow_server import BackendUnavailable
 from flows.serve import ServerUnavailable
@@ -502,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_prefect()
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RemoteUnavailable as exc:
+        _quiet_prefect()
+        print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.deterministic else 1
     except (TrackingUnavailable, PushIncomplete, BackendUnavailable) as exc:  # transient: exit 1 (the flow retries a stage)
         print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
         return 1

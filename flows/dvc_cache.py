@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows import dvc_remote
+
 
 @dataclass(frozen=True)
 class CorruptFile:
@@ -102,8 +104,14 @@ def push(root: Path) -> int:
         corrupt = _corrupt_in_repo(repo, None)
         if corrupt:
             raise CorruptCache(corrupt, "dvc push refused, nothing was pushed")
-        pushed = repo.push()
-        absent = {path: state for path, state in repo.status(cloud=True).items() if state in ("new", "missing")}
+        try:
+            pushed = repo.push()
+            absent = {path: state for path, state in repo.status(cloud=True).items() if state in ("new", "missing")}
+        except Exception as exc:
+            explained = dvc_remote.explain(repo, exc, "dvc push")
+            if explained is None:
+                raise
+            raise explained from None
     if absent:
         listed = ", ".join(f"{path} ({state})" for path, state in sorted(absent.items()))
         raise PushIncomplete(f"dvc push reported success, but the remote lacks {listed} (`dvc status -c`); run "

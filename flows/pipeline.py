@@ -143,6 +143,11 @@ def _stopped_during(stage: str, signum: int) -> Stopped:
 
 
 def _retry_unless_corrupt(task, task_run, state) -> bool:
+    """A corrupt cache, missing credentials or a missing bucket stay so; an unreachable remote may come back."""
+    from flows.dvc_remote import RemoteUnavailable
+
+    if isinstance(state.data, RemoteUnavailable):
+        return not state.data.deterministic
     return not isinstance(state.data, dvc_cache.CorruptCache)
 
 

@@ -48,6 +48,19 @@ def check_dependencies() -> None:
                         f"(it installs them into .venv), or `pip install -e .` in the worker's environment")
 
 
+def _written_url(root: Path, remote: str) -> str | None:
+    """A remote's URL as written in .dvc/config.local or .dvc/config (DVC makes a relative one absolute)."""
+    from configobj import ConfigObj  # DVC's own config reader
+
+    for name in ("config.local", "config"):
+        path = root / ".dvc" / name
+        if path.exists():
+            url = ConfigObj(str(path)).get(f'remote "{remote}"', {}).get("url")
+            if url:
+                return url
+    return None
+
+
 def shared_remote(root: Path) -> str:
     """The default DVC remote's URL, which every worker's checkout must reach: not a relative folder."""
     from dvc.repo import Repo
@@ -57,7 +70,7 @@ def shared_remote(root: Path) -> str:
         if not name:
             raise NotShared("the project has no default DVC remote: workers push and pull through one; add a "
                             "shared one with `dvc remote add -d shared s3://bucket/path` and commit .dvc/config")
-        url = repo.config["remote"][name]["url"]
+        url = _written_url(root, name) or repo.config["remote"][name]["url"]
     if "://" not in url and not os.path.isabs(url):
         raise NotShared(f"the default DVC remote {name!r} is {url}, a folder relative to each checkout: every "
                         f"worker would push to its own. Make a shared remote the default (`dvc remote add -d "
@@ -111,8 +124,8 @@ def start_worker(root: str = ".", pool: str = POOL, name: str | None = None, lim
     if limit < 1:
         raise ValueError(f"--limit {limit}: a worker runs at least one flow run at a time")
     check_dependencies()
-    api = check_prefect_server()
     mlflow_uri = check_tracking_server()
+    api = check_prefect_server()
     ensure_pool(pool)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}  # the pull step's bin/ddpm
@@ -140,8 +153,8 @@ def deploy(root: str = ".", pool: str = POOL, repository: str | None = None) -> 
     commit = tracking.git_commit(root_path)
     if commit is None:
         raise ValueError(f"{root_path} is not a git repository with a commit: workers clone the project at one")
-    check_prefect_server()
     remote = shared_remote(root_path)
+    check_prefect_server()
     ensure_pool(pool)
     if experiment.git_dirty(root_path):
         print(f"warning: tracked files differ from commit {commit[:12]}; workers run the commit, not them",
@@ -161,11 +174,13 @@ def pull_inputs(root: str = ".") -> int:
     """``dvc pull`` of every output dvc.lock names that the shared remote has (the rest is reproduced)."""
     from dvc.repo import Repo
 
+    from flows import dvc_remote
     from flows.dvc_cache import in_dir
 
     root_path = Path(root).resolve()
     remote = shared_remote(root_path)
     with in_dir(root_path), Repo(str(root_path)) as repo:
+        dvc_remote.probe(repo, "dvc pull")
         fetched = repo.pull(allow_missing=True)["stats"]["fetched"]
     print(f"dvc pull from {remote}: {fetched} file{'' if fetched == 1 else 's'} fetched", flush=True)
     return fetched

@@ -83,8 +83,9 @@ def tracking_server(s3):
         yield server
     finally:
         stop(server["proc"], signal.SIGINT, grace_s=30)
-        subprocess.run(["runuser", "-u", "postgres", "--", shutil.which("pg_ctl") or "pg_ctl", "-D",
-                        str(state / "pg"), "-m", "immediate", "stop"], capture_output=True)
+        from flows.mlflow_server import stop_local_postgres
+
+        stop_local_postgres(state / "pg")  # if the server was killed and left it running
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -221,3 +222,83 @@ def test_a_study_fans_out_over_two_workers_from_one_deployment(tmp_path, s3, wor
     # each run's DVC experiment was pushed back to the repository the workers cloned
     refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
     assert len(refs) == 2, refs
+
+
+# --- bad input and faults: one line naming what is wrong and what to do -------------------------------
+
+def _last_line(out: subprocess.CompletedProcess) -> str:
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_mlflow_server_names_an_unreachable_or_wrong_backend_before_starting(tmp_path, s3, tracking_server):
+    """A PostgreSQL that does not answer, a database that does not exist, an artifact bucket that does not
+    exist, an S3 endpoint that does not answer and missing AWS credentials: each is the last line, exit 1,
+    and no server starts."""
+    env = base_env(**CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3["url"], HOME=str(tmp_path))
+    nobody = free_port()
+    pg_root = tracking_server["pg"].rsplit("/", 1)[0]
+    cases = [
+        (["--backend-store-uri", f"postgresql://postgres@127.0.0.1:{nobody}/mlflow"], env,
+         f"no PostgreSQL answers at 127.0.0.1:{nobody}"),
+        (["--backend-store-uri", f"{pg_root}/nope"], env, f"PostgreSQL at {pg_root.split('@')[1]} has no database 'nope'"),
+        (["--artifacts-destination", "s3://no-such-bucket/a"], env, "S3 bucket 'no-such-bucket' at"),
+        (["--artifacts-destination", "s3://ddpm-mlflow/a"], {**env, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{nobody}"},
+         f"nothing answers at http://127.0.0.1:{nobody}"),
+        (["--artifacts-destination", "s3://ddpm-mlflow/a"],
+         {k: v for k, v in env.items() if not k.startswith("AWS_")}, "no AWS credentials for the S3 bucket 'ddpm-mlflow'"),
+    ]
+    for args, case_env, expected in cases:
+        out = run([DDPM, "mlflow-server", "--port", str(free_port()), *args], tmp_path, check=False, env=case_env)
+        line = _last_line(out)
+        assert out.returncode == 1 and line.startswith("ddpm mlflow-server: error: ") and expected in line, \
+            (args, out.returncode, (out.stdout + out.stderr)[-2000:])
+    assert "does not exist: create it" in _last_line(run([DDPM, "mlflow-server", "--artifacts-destination",
+                                                          "s3://no-such-bucket/a"], tmp_path, check=False, env=env))
+
+
+def test_an_unreachable_s3_remote_or_missing_credentials_is_one_line(tmp_path, s3):
+    """`ddpm pull-inputs` (a worker's pull step) and the pipeline's checked `dvc push` against the S3 remote:
+    an endpoint that does not answer is transient (exit 1, retried by the flow), missing credentials are
+    not (exit 2)."""
+    from flows import dvc_cache
+    from flows.dvc_remote import RemoteUnavailable
+
+    project = s3_project(tmp_path, s3)
+    dvc = [sys.executable, "-m", "dvc"]
+    run([*dvc, "remote", "modify", "shared", "endpointurl", f"http://127.0.0.1:{free_port()}"], project)
+    env = base_env(**CREDENTIALS, HOME=str(tmp_path), AWS_MAX_ATTEMPTS="1")
+    out = run([DDPM, "pull-inputs"], project, check=False, env=env)
+    assert out.returncode == 1 and "ddpm pull-inputs: error: dvc pull failed: nothing answers at the DVC remote " \
+        "'shared' (s3://ddpm-dvc/store at http://127.0.0.1:" in _last_line(out), (out.stdout + out.stderr)[-3000:]
+    no_keys = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    out = run([DDPM, "pull-inputs"], project, check=False, env=no_keys)
+    assert out.returncode == 2 and "no AWS credentials for the DVC remote 'shared'" in _last_line(out), \
+        (out.stdout + out.stderr)[-3000:]
+    (project / "data").mkdir(exist_ok=True)
+    (project / "data" / "extra.txt").write_text("something to push\n")
+    run([*dvc, "add", "data/extra.txt"], project)
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HOME", "AWS_MAX_ATTEMPTS")}
+    os.environ.update(CREDENTIALS, HOME=str(tmp_path), AWS_MAX_ATTEMPTS="1")
+    try:
+        with pytest.raises(RemoteUnavailable, match="dvc push failed: nothing answers at") as err:
+            dvc_cache.push(project)
+        assert not err.value.deterministic  # the flow's push task retries it
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_workers_refuse_what_they_cannot_share(tmp_path, prefect_api_url):
+    """A worker without a shared tracking server, a deploy whose DVC remote is a folder relative to each
+    checkout, and a pull step on a machine without the project installed: each one line, nothing started."""
+    project = tiny_project(tmp_path)  # the default remote: ../../ddpm-dvc-remote
+    env = base_env(PREFECT_API_URL=prefect_api_url)
+    out = run([DDPM, "worker"], project, check=False, env=env)
+    assert out.returncode == 2 and _last_line(out).startswith("ddpm worker: error: MLFLOW_TRACKING_URI is not set: "
+                                                              "each worker would keep its runs"), out.stderr[-2000:]
+    out = run([DDPM, "deploy"], project, check=False, env=env)
+    assert out.returncode == 2 and "the default DVC remote 'local' is ../../ddpm-dvc-remote, a folder relative to " \
+        "each checkout" in _last_line(out), out.stderr[-2000:]
+    out = run(["bin/ddpm", "pull-inputs"], project, check=False, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode == 127 and "the ddpm command is not installed" in _last_line(out), out.stderr
