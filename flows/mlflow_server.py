@@ -124,7 +124,7 @@ def check_postgres(uri: str, timeout_s: int = 10) -> None:
         psycopg.connect(uri.replace("postgresql+psycopg://", "postgresql://", 1), connect_timeout=timeout_s).close()
     except psycopg.OperationalError as exc:
         text = " ".join(str(exc).split())
-        if "password authentication failed" in text or "no password supplied" in text:
+        if "password authentication failed" in text or "no password supplied" in text or 'role "' in text:
             why = f"PostgreSQL at {where} refused the credentials of user {parts.username!r}"
             fix = "fix the user and password in --backend-store-uri"
         elif "does not exist" in text:

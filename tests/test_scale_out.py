@@ -232,7 +232,8 @@ def _last_line(out: subprocess.CompletedProcess) -> str:
 
 
 def test_mlflow_server_names_an_unreachable_or_wrong_backend_before_starting(tmp_path, s3, tracking_server):
-    """A PostgreSQL that does not answer, a database that does not exist, an artifact bucket that does not
+    """A PostgreSQL that does not answer, a database that does not exist, a user it does not know (the
+    password redacted in the message), an artifact bucket that does not
     exist, an S3 endpoint that does not answer and missing AWS credentials: each is the last line, exit 1,
     and no server starts."""
     env = base_env(**CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3["url"], HOME=str(tmp_path))
@@ -242,6 +243,8 @@ def test_mlflow_server_names_an_unreachable_or_wrong_backend_before_starting(tmp
         (["--backend-store-uri", f"postgresql://postgres@127.0.0.1:{nobody}/mlflow"], env,
          f"no PostgreSQL answers at 127.0.0.1:{nobody}"),
         (["--backend-store-uri", f"{pg_root}/nope"], env, f"PostgreSQL at {pg_root.split('@')[1]} has no database 'nope'"),
+        (["--backend-store-uri", pg_root.replace("postgres@", "nobody:secret@") + "/mlflow"], env,
+         f"PostgreSQL at {pg_root.split('@')[1]} refused the credentials of user 'nobody'"),
         (["--artifacts-destination", "s3://no-such-bucket/a"], env, "S3 bucket 'no-such-bucket' at"),
         (["--artifacts-destination", "s3://ddpm-mlflow/a"], {**env, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{nobody}"},
          f"nothing answers at http://127.0.0.1:{nobody}"),
@@ -253,6 +256,7 @@ def test_mlflow_server_names_an_unreachable_or_wrong_backend_before_starting(tmp
         line = _last_line(out)
         assert out.returncode == 1 and line.startswith("ddpm mlflow-server: error: ") and expected in line, \
             (args, out.returncode, (out.stdout + out.stderr)[-2000:])
+        assert "secret" not in out.stdout + out.stderr
     assert "does not exist: create it" in _last_line(run([DDPM, "mlflow-server", "--artifacts-destination",
                                                           "s3://no-such-bucket/a"], tmp_path, check=False, env=env))
 
