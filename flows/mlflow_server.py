@@ -189,7 +189,9 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | No
         print(f"MLflow tracking server on http://{host}:{port}: runs in {redacted(backend_store_uri)}, artifacts "
               f"in {artifacts}; clients: export MLFLOW_TRACKING_URI=http://{host}:{port}; Ctrl+C stops",
               flush=True)
-        proc = subprocess.Popen(cmd)
+        from flows.serve import server_env
+
+        proc = subprocess.Popen(cmd, env=server_env())
         try:
             return proc.wait()
         except BaseException:

@@ -8,6 +8,7 @@ pipeline flow with the schedule and runs its flow runs in this process.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -66,6 +67,13 @@ def serve(root: str = ".", cron: str | None = None, interval_s: int | None = Non
                         global_limit=one_at_a_time)
 
 
+def server_env() -> dict[str, str]:
+    """The environment for an MLflow server or UI: without MLflow 3's job runner (eight huey processes for
+    GenAI judge and trace jobs, none of which this project uses) unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION
+    is set."""
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+
+
 def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int:
     """Run the MLflow UI for the project's tracking store in the foreground."""
     uri = tracking.tracking_uri(root)
@@ -78,7 +86,7 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
     if artifacts:  # experiments made in the UI keep their artifacts where the pipeline's are
         cmd += ["--default-artifact-root", artifacts]
     print(f"MLflow UI for {uri}: {_experiment_url(root, f'http://{host}:{port}')}")
-    ui = subprocess.Popen(cmd, start_new_session=True)  # its server and workers: one group, stopped together
+    ui = subprocess.Popen(cmd, start_new_session=True, env=server_env())  # one group, stopped together
     try:
         return ui.wait()
     finally:  # Ctrl-C, SIGTERM

@@ -85,7 +85,7 @@ def spawn(cmd: list[str], log: Path, **kw) -> subprocess.Popen:
 def start_mlflow(store: Path, port: int, log: Path) -> subprocess.Popen:
     proc = spawn([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
                   "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1",
-                  "--port", str(port), "--workers", "1"], log, env=base_env())
+                  "--port", str(port), "--workers", "1"], log, env=base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
     except BaseException:

@@ -175,11 +175,11 @@ def test_a_study_fans_out_over_two_workers_from_one_deployment(tmp_path, s3, wor
     """`ddpm deploy` registers prefect.yaml's deployment at the project's commit; two `ddpm worker`s, each in
     a checkout of its own, take one flow run at a time; `ddpm sweep --on-workers` submits one flow run per
     recipe through the API: each runs on a different worker in a fresh clone at that commit, pulls the
-    prepared data from the S3 remote (prepare is skipped), logs to the shared server, and the leaderboard
-    collects both."""
+    prepared data and the evaluation's reference from the S3 remote (both stages skipped), logs to the
+    shared server, and the leaderboard collects both."""
     project = s3_project(tmp_path / "origin", s3)
     dvc = [sys.executable, "-m", "dvc"]
-    run([*dvc, "repro", "prepare"], project, env=worker_env)
+    run([*dvc, "repro", "reference"], project, env=worker_env)  # prepare, then the evaluation's reference
     run([*dvc, "push"], project, env=worker_env)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "prepared data"], project)
@@ -219,6 +219,7 @@ def test_a_study_fans_out_over_two_workers_from_one_deployment(tmp_path, s3, wor
     for name, log_text in logs.items():
         assert "dvc pull from s3://ddpm-dvc/store" in log_text, log_text[-4000:]
         assert "stage prepare: up to date, skipped" in log_text, log_text[-4000:]
+        assert "stage reference: up to date, skipped" in log_text, log_text[-4000:]
     # each run's DVC experiment was pushed back to the repository the workers cloned
     refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], project).stdout.split()
     assert len(refs) == 2, refs

@@ -66,8 +66,9 @@ def write_params(run_dir: Path, prepared: Path, **train_overrides) -> Path:
     return params
 
 
-def ddpm_train(params: Path, env: dict | None = None, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--no-track", "--params", str(params)],
+def ddpm_train(params: Path, env: dict | None = None, track: bool = False, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "train", *([] if track else ["--no-track"]),
+                             "--params", str(params)],
                             cwd=PROJECT_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -91,8 +92,10 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch_and_only_rank
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(AUDIT_HOOK)
     params = write_params(run_dir, prepared)
-    child = ddpm_train(params, env={"PYTHONPATH": os.pathsep.join([str(hook), str(PROJECT_ROOT)]),
-                                    "DDPM_TEST_WATCH": str(run_dir), "DDPM_TEST_AUDIT": str(audit)})
+    store = f"sqlite:///{run_dir / 'mlflow.db'}"
+    child = ddpm_train(params, track=True, env={"PYTHONPATH": os.pathsep.join([str(hook), str(PROJECT_ROOT)]),
+                                                "DDPM_TEST_WATCH": str(run_dir), "DDPM_TEST_AUDIT": str(audit),
+                                                "MLFLOW_TRACKING_URI": store})
     out, err = child.communicate(timeout=240)
     assert child.returncode == 0, err[-3000:]
     assert "starting 2 ranks on this machine (world size 2, global batch 8, 4 per rank) through torchrun" in out
@@ -112,6 +115,13 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch_and_only_rank
         "models/model.safetensors", *(f"checkpoints/{ckpt_dir.name}/step-{s:09d}.safetensors" for s in (3, 6, 9, 12))}
     assert {"metrics/train_loss.csv", "models/mlflow.json"} <= written
     assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(ckpt_dir)] == [6, 9, 12]
+    # one MLflow run (rank 0's, in the store it alone wrote) with one registered version
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store, store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
+    assert [v.run_id for v in client.search_model_versions()] == [runs[0].info.run_id]
 
 
 def test_a_killed_rank_fails_the_run_clearly_and_a_rerun_resumes(tmp_path):
