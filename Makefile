@@ -61,9 +61,11 @@ mlflow-ui: setup
 # Scaled out (docs/scale-out.md): a shared MLflow server on PostgreSQL (Debian's postgresql package), the pipeline
 # deployed to the Prefect work pool `ddpm` at this commit, and a worker on it (one flow run at a time).
 PG_PORT ?= 5433
+MLFLOW_HOST ?= 127.0.0.1
 mlflow-server: setup
 	$(BIN)/python -m pip install -q -e '.[server,s3]'
-	$(BIN)/ddpm mlflow-server --port $(MLFLOW_PORT) --pg-port $(PG_PORT) $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS))
+	$(BIN)/ddpm mlflow-server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --pg-port $(PG_PORT) \
+	  $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS)) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
 deploy: setup
 	$(BIN)/ddpm deploy

@@ -404,7 +404,8 @@ def cmd_mlflow_server(args) -> int:
     from flows.mlflow_server import serve
 
     return serve(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
-                 artifacts_destination=args.artifacts_destination, pg_port=args.pg_port, pg_data=args.pg_data)
+                 artifacts_destination=args.artifacts_destination, pg_port=args.pg_port, pg_data=args.pg_data,
+                 allowed_hosts=args.allowed_hosts)
 
 
 def cmd_ui(args) -> int:
@@ -472,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts-destination", help="folder or s3://bucket/path (default: .mlflow-server/artifacts)")
     p.add_argument("--pg-port", type=int, default=5433, help="port of the local PostgreSQL (default: 5433)")
     p.add_argument("--pg-data", help="data folder of the local PostgreSQL (default: .mlflow-server/postgres)")
+    p.add_argument("--allowed-hosts", help="host names clients use to reach the server, comma-separated (MLflow "
+                   "refuses other Host headers; needed with --host 0.0.0.0), e.g. mlflow.internal,mlflow.internal:5000")
     p.set_defaults(fn=cmd_mlflow_server)
     p = sub.add_parser("ui", help="start the MLflow UI for the project's tracking store on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1")

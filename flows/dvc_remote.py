@@ -63,7 +63,13 @@ def probe(repo, doing: str) -> None:
     per-file errors and tracebacks followed by ``N files failed to download``."""
     remote = repo.cloud.get_remote()
     try:
-        remote.fs.exists(remote.path)
+        found = remote.fs.exists(remote.path)
+        bucket = remote.path.split("/")[0]
+        if not found and remote.fs.protocol in ("s3", "s3a") and not remote.fs.exists(bucket):
+            raise RemoteUnavailable(f"{doing} failed: the bucket {bucket!r} of the {describe(repo)} does not exist: "
+                                    "create it (aws s3 mb s3://" + bucket + ")", True)
+    except RemoteUnavailable:
+        raise
     except Exception as exc:
         explained = explain(repo, exc, doing)
         if explained is None:

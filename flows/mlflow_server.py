@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from flows.tracking_outage import redacted
 
@@ -65,38 +68,59 @@ def postgres_data(state: Path) -> Path:
     return Path("/var/lib/postgresql/ddpm") / key
 
 
+def _password_file(data: Path) -> Path:
+    """The generated password of the local PostgreSQL's ``postgres`` user, beside its data folder (0600)."""
+    return data.with_name(data.name + ".password")
+
+
 def _init_cluster(data: Path) -> None:
+    """``initdb`` with password authentication (scram-sha-256) for every connection, local ones too: the
+    port is on loopback, but other users of this machine could reach it."""
+    import secrets
+
     data.mkdir(parents=True, exist_ok=True)
+    pw = _password_file(data)
+    pw.write_text(secrets.token_urlsafe(24) + "\n")
+    pw.chmod(0o600)
     if os.geteuid() == 0:
         closed = _closed_to_others(data)
         if closed is not None:
             raise BackendUnavailable(f"PostgreSQL runs as the user postgres, who cannot enter {closed}: "
                                      f"give --pg-data a folder it can reach")
-        shutil.chown(data, "postgres", "postgres")
+        for path in (data, pw):
+            shutil.chown(path, "postgres", "postgres")
         data.chmod(0o700)
-    subprocess.run(_as_postgres_user([_pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
-                   check=True, capture_output=True, text=True)
+    subprocess.run(_as_postgres_user([_pg_bin("initdb"), "-D", str(data), "-A", "scram-sha-256", "-U", "postgres",
+                                      f"--pwfile={pw}"]), check=True, capture_output=True, text=True)
 
 
-def start_local_postgres(data: Path, port: int) -> str:
-    """Initialise (once) and start (unless it runs) a PostgreSQL in ``data`` on 127.0.0.1:``port``, trusting
-    local connections only; returns the URI of its ``mlflow`` database."""
+def start_local_postgres(data: Path, port: int) -> tuple[str, bool]:
+    """Initialise (once) and start (unless it runs) a PostgreSQL in ``data`` on 127.0.0.1:``port``; returns
+    the URI of its ``mlflow`` database (with the generated password) and whether this call started it."""
     data = data.resolve()
     if not (data / "PG_VERSION").exists():
         _init_cluster(data)
     pg_ctl = [_pg_bin("pg_ctl"), "-D", str(data)]
-    if subprocess.run(_as_postgres_user([*pg_ctl, "status"]), capture_output=True).returncode != 0:
+    started = subprocess.run(_as_postgres_user([*pg_ctl, "status"]), capture_output=True).returncode != 0
+    if started:
         log = data / "server.log"
-        out = subprocess.run(_as_postgres_user([*pg_ctl, "-l", str(log), "-w", "-t", "60", "-o",
-                                                f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"]),
+        options = f"-p {port} -k {shlex.quote(str(data))} -c listen_addresses=127.0.0.1"
+        out = subprocess.run(_as_postgres_user([*pg_ctl, "-l", str(log), "-w", "-t", "60", "-o", options, "start"]),
                              capture_output=True, text=True)
         if out.returncode != 0:
             tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
             raise BackendUnavailable(f"the local PostgreSQL in {data} did not start on 127.0.0.1:{port} "
                                      f"({(out.stderr or out.stdout).strip()}); its log ends:\n{tail}")
-    base = f"postgresql://postgres@127.0.0.1:{port}"
-    _create_database(f"{base}/postgres", "mlflow")
-    return f"{base}/mlflow"
+    pw = _password_file(data)
+    secret = f":{quote(pw.read_text().strip(), safe='')}" if pw.exists() else ""
+    base = f"postgresql://postgres{secret}@127.0.0.1:{port}"
+    try:
+        _create_database(f"{base}/postgres", "mlflow")
+    except BaseException:
+        if started:
+            stop_local_postgres(data)
+        raise
+    return f"{base}/mlflow", started
 
 
 def stop_local_postgres(data: Path) -> None:
@@ -112,17 +136,22 @@ def _create_database(admin_uri: str, name: str) -> None:
             conn.execute(f'CREATE DATABASE "{name}"')
 
 
-def check_postgres(uri: str, timeout_s: int = 10) -> None:
-    """Connect once: an unreachable server, a refused password or a missing database is one line."""
+def check_postgres_driver() -> None:
     try:
-        import psycopg  # what SQLAlchemy 2.1, under MLflow, uses for postgresql:// URIs
+        import psycopg  # noqa: F401  (what SQLAlchemy 2.1, under MLflow, uses for postgresql:// URIs)
     except ImportError:
         raise BackendUnavailable("MLflow needs psycopg for postgresql:// stores: pip install -e '.[server]'") from None
+
+
+def check_postgres(uri: str, timeout_s: int = 10) -> None:
+    """Connect once: an unreachable server, a refused password or a missing database is one line."""
+    check_postgres_driver()
+    import psycopg
     parts = urlsplit(uri)
     where = f"{parts.hostname}:{parts.port or 5432}"
     try:
-        psycopg.connect(uri.replace("postgresql+psycopg://", "postgresql://", 1), connect_timeout=timeout_s).close()
-    except psycopg.OperationalError as exc:
+        psycopg.connect(re.sub(r"^postgresql\+\w+://", "postgresql://", uri), connect_timeout=timeout_s).close()
+    except psycopg.Error as exc:
         text = " ".join(str(exc).split())
         if "password authentication failed" in text or "no password supplied" in text or 'role "' in text:
             why = f"PostgreSQL at {where} refused the credentials of user {parts.username!r}"
@@ -169,29 +198,35 @@ def check_s3(url: str) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None,
           artifacts_destination: str | None = None, pg_port: int = 5433, pg_data: str | None = None,
-          state: Path = STATE) -> int:
+          allowed_hosts: str | None = None, state: Path = STATE) -> int:
     """Check the backends, then run ``mlflow server`` in the foreground until Ctrl+C; a PostgreSQL this
     command started is stopped with it."""
+    from flows.serve import check_port_free, server_env
+
+    check_port_free(host, port, "the MLflow tracking server")
     artifacts = artifacts_destination or str((state / "artifacts").resolve())
     if artifacts.startswith("s3://"):
         check_s3(artifacts)
-    own_postgres = backend_store_uri is None
     data = Path(pg_data) if pg_data else postgres_data(state)
-    if own_postgres:
+    started = False
+    if backend_store_uri is None:
+        check_postgres_driver()
         print(f"PostgreSQL for MLflow: data in {data}, on 127.0.0.1:{pg_port}", flush=True)
-        backend_store_uri = start_local_postgres(data, pg_port)
+        backend_store_uri, started = start_local_postgres(data, pg_port)
     try:
         if backend_store_uri.startswith("postgresql"):
             check_postgres(backend_store_uri)
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
-               "--artifacts-destination", artifacts, "--serve-artifacts", "--host", host, "--port", str(port),
-               "--workers", "1"]
+        # The store's URI (its password) in the environment, not on a command line `ps` shows
+        env = {**server_env(), "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
+        cmd = [sys.executable, "-m", "mlflow", "server", "--artifacts-destination", artifacts, "--serve-artifacts",
+               "--host", host, "--port", str(port), "--workers", "1"]
+        if allowed_hosts:
+            cmd += ["--allowed-hosts", allowed_hosts]
+        reach = socket.gethostname() if host in ("0.0.0.0", "::") else host
         print(f"MLflow tracking server on http://{host}:{port}: runs in {redacted(backend_store_uri)}, artifacts "
-              f"in {artifacts}; clients: export MLFLOW_TRACKING_URI=http://{host}:{port}; Ctrl+C stops",
+              f"in {artifacts}; clients: export MLFLOW_TRACKING_URI=http://{reach}:{port}; Ctrl+C stops",
               flush=True)
-        from flows.serve import server_env
-
-        proc = subprocess.Popen(cmd, env=server_env())
+        proc = subprocess.Popen(cmd, env=env)
         try:
             return proc.wait()
         except BaseException:
@@ -202,6 +237,5 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | No
                 proc.kill()
             raise
     finally:
-        if own_postgres:
+        if started:
             stop_local_postgres(data)
-

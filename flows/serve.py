@@ -22,7 +22,7 @@ class ServerUnavailable(RuntimeError):
     """The server a command needs is not configured or does not answer."""
 
 
-def check_prefect_server(timeout_s: float = 5.0) -> str:
+def check_prefect_server(timeout_s: float = 5.0, what: str = "schedules") -> str:
     """Prefect's API URL (the environment, else the active profile: `prefect config set PREFECT_API_URL=...`),
     after checking that a server answers there."""
     import httpx
@@ -31,7 +31,7 @@ def check_prefect_server(timeout_s: float = 5.0) -> str:
     api = get_current_settings().api.url
     if not api:
         raise ServerUnavailable(
-            "schedules need a Prefect server, and PREFECT_API_URL is not set (neither in the environment nor in "
+            f"{what} need a Prefect server, and PREFECT_API_URL is not set (neither in the environment nor in "
             "the active Prefect profile): start one with `make prefect-server` (prefect server start --host "
             "127.0.0.1 --port 4200), then `export PREFECT_API_URL=http://127.0.0.1:4200/api` or "
             "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
@@ -80,7 +80,7 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
     if uri.startswith(("http://", "https://")):
         print(f"MLFLOW_TRACKING_URI points at a tracking server: its UI is {uri}")
         return 0
-    _check_port_free(host, port)
+    check_port_free(host, port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     artifacts = tracking.artifact_root(root)
     if artifacts:  # experiments made in the UI keep their artifacts where the pipeline's are
@@ -93,15 +93,17 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
         stop_process_group(ui, grace_s=10, first=signal.SIGINT)
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """``mlflow ui`` logs "Address already in use" and still exits 0: find out first, and fail clearly."""
+def check_port_free(host: str, port: int, what: str = "the MLflow UI") -> None:
+    """``mlflow ui`` and ``mlflow server`` log "Address already in use" and still exit 0: find out first, and
+    fail clearly."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no obstacle
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise ServerUnavailable(f"cannot serve the MLflow UI on {host}:{port}: {exc.strerror} (another UI "
+            raise ServerUnavailable(f"cannot serve {what} on {host}:{port}: {exc.strerror} (another UI "
                                     f"or server is there; open it, or choose another --port)") from None
 
 

@@ -326,8 +326,9 @@ def _submit(study: Study, recipe: Recipe, parent_id: str | None):
 
     from flows import workers
 
-    try:
+    try:  # the same key for the same recipe of the same study run: a rerun after Ctrl+C finds the flow run
         return run_deployment(workers.DEPLOYMENT, timeout=0, flow_run_name=experiment_name(study.name, recipe.name),
+                              idempotency_key=f"{study.name}/{recipe.name}/{parent_id or 'untracked'}",
                               parameters={"overrides": list(recipe.overrides), "study": study.name,
                                           "recipe": recipe.name, "study_run_id": parent_id or ""})
     except ObjectNotFound:
@@ -351,13 +352,18 @@ def _worker_row(root: Path, study: Study, recipe: Recipe, params: Path, flow_run
     if state.type.value != "COMPLETED" or run is None:
         reason = (state.message or state.name) if state.type.value != "COMPLETED" else "no MLflow run was found"
         return {**row, "status": "failed", "reason": reason[:500]}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = tracking.client(root).download_artifacts(
-            run.info.run_id, f"evaluation/{Path(cfg.evaluate.metrics_path).name}", tmp)
-        metrics = json.loads(Path(path).read_text())
-    row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     row.update(mlflow_run_id=run.info.run_id, train_seconds=run.data.metrics.get("train_seconds", ""),
-               device=run.data.tags.get("ddpm.device", ""))
+               device=run.data.tags.get("ddpm.device", ""),
+               experiment=run.data.tags.get("ddpm.dvc_experiment", row["experiment"]))  # what dvc exp pull takes
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = tracking.client(root).download_artifacts(
+                run.info.run_id, f"evaluation/{Path(cfg.evaluate.metrics_path).name}", tmp)
+            metrics = json.loads(Path(path).read_text())
+    except Exception as exc:  # the run finished, its record is incomplete: a row that says so
+        return {**row, "status": "failed", "reason": f"the evaluation's metrics are not in MLflow run "
+                                                     f"{run.info.run_id}: {str(exc)[:300]}"}
+    row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return {**row, "status": "ok", "reason": ""}
 
 
@@ -372,7 +378,7 @@ def run_study_on_workers(root: str | Path, study: Study, params: str | Path = "p
     from flows.serve import check_prefect_server
 
     root, board = Path(root).resolve(), Path(root).resolve() / leaderboard
-    api = check_prefect_server()
+    api = check_prefect_server(what="studies on workers")
     workers.check_tracking_server()
     params = root / params
     rows = read_leaderboard(board)

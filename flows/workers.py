@@ -23,6 +23,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.tracking_outage import redacted
+
 POOL = "ddpm"
 FLOW_NAME = "ddpm-pipeline-at-commit"
 DEPLOYMENT_NAME = "workers"
@@ -82,18 +84,25 @@ def check_tracking_server(timeout_s: float = 10.0) -> str:
     """MLFLOW_TRACKING_URI must name a tracking server that answers: workers log their runs to it."""
     import httpx
 
-    from flows.tracking_outage import redacted
-
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
-        raise NotShared(f"MLFLOW_TRACKING_URI is {uri or 'not set'}: each worker would keep its runs in a store "
-                        "of its own temporary checkout. Start a shared server (`make mlflow-server`) and export "
-                        "MLFLOW_TRACKING_URI=http://<its host>:5000 where the worker starts")
+        raise NotShared(f"MLFLOW_TRACKING_URI is {redacted(uri) if uri else 'not set'}: each worker would keep its "
+                        "runs in a store of its own temporary checkout. Start a shared server (`make "
+                        "mlflow-server`) and export MLFLOW_TRACKING_URI=http://<its host>:5000 where the worker starts")
+    # An API route, not /health: MLflow answers /health whatever the Host header, and refuses API calls
+    # whose Host is not among the server's --allowed-hosts (403)
+    probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     try:
-        httpx.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+        reply = httpx.get(probe, timeout=timeout_s)
     except httpx.HTTPError as exc:
         raise NotShared(f"no MLflow tracking server answers at MLFLOW_TRACKING_URI={redacted(uri)} ({exc}); "
                         "start it (`make mlflow-server`) or fix the URI") from None
+    if reply.status_code == 403 and "Host" in reply.text:
+        raise NotShared(f"the MLflow server at {redacted(uri)} refuses this host name ({reply.text.strip()[:200]}): "
+                        "start it with --allowed-hosts naming it (make mlflow-server ALLOWED_HOSTS=...)")
+    if reply.status_code != 200:
+        raise NotShared(f"the MLflow server at {redacted(uri)} answered {reply.status_code} to an API call "
+                        f"({reply.text.strip()[:200]})")
     return uri
 
 
@@ -125,7 +134,8 @@ def start_worker(root: str = ".", pool: str = POOL, name: str | None = None, lim
         raise ValueError(f"--limit {limit}: a worker runs at least one flow run at a time")
     check_dependencies()
     mlflow_uri = check_tracking_server()
-    api = check_prefect_server()
+    remote = _reachable_remote(Path(root).resolve())
+    api = check_prefect_server(what="workers")
     ensure_pool(pool)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}  # the pull step's bin/ddpm
@@ -134,14 +144,34 @@ def start_worker(root: str = ".", pool: str = POOL, name: str | None = None, lim
     if name:
         cmd += ["--name", name]
     print(f"worker on pool {pool!r} of {api} (at most {limit} flow run{'s' if limit > 1 else ''} at a time), "
-          f"logging to {mlflow_uri}; Ctrl+C stops", flush=True)
+          f"logging to {redacted(mlflow_uri)}, DVC remote {remote}; Ctrl+C stops", flush=True)
     return subprocess.call(cmd, cwd=root, env=env)
+
+
+def _reachable_remote(root: Path) -> str:
+    """The shared default remote, after one request to it with this machine's credentials."""
+    from dvc.repo import Repo
+
+    from flows import dvc_remote
+
+    url = shared_remote(root)
+    with Repo(str(root)) as repo:
+        dvc_remote.probe(repo, "a worker's dvc pull")
+    return url
 
 
 def _repository(root: Path) -> str:
     """Where workers clone the project from: git's ``origin``, else this checkout's own folder."""
     out = subprocess.run(["git", "remote", "get-url", "origin"], cwd=root, capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else str(root)
+
+
+def _check_pushed(root: Path, commit: str) -> None:
+    """Workers clone the repository at ``commit``: it must be on a branch of origin."""
+    out = subprocess.run(["git", "branch", "-r", "--contains", commit], cwd=root, capture_output=True, text=True)
+    if out.returncode == 0 and not out.stdout.strip():
+        raise NotShared(f"commit {commit[:12]} is not on origin (as far as this clone knows): workers clone it from "
+                        "there; `git push` first (or `git fetch` if it was pushed from elsewhere)")
 
 
 def deploy(root: str = ".", pool: str = POOL, repository: str | None = None) -> str:
@@ -154,19 +184,22 @@ def deploy(root: str = ".", pool: str = POOL, repository: str | None = None) -> 
     if commit is None:
         raise ValueError(f"{root_path} is not a git repository with a commit: workers clone the project at one")
     remote = shared_remote(root_path)
-    check_prefect_server()
+    check_prefect_server(what="deployments")
     ensure_pool(pool)
     if experiment.git_dirty(root_path):
         print(f"warning: tracked files differ from commit {commit[:12]}; workers run the commit, not them",
               file=sys.stderr)
     repository = repository or _repository(root_path)
+    if repository != str(root_path):
+        _check_pushed(root_path, commit)
     env = {**os.environ, "DDPM_REPOSITORY": repository, "DDPM_COMMIT": commit}
     cmd = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--prefect-file",
            str(root_path / "prefect.yaml"), "--name", DEPLOYMENT, "--pool", pool]
     out = subprocess.run(cmd, cwd=root_path, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise ValueError(f"prefect deploy failed (exit {out.returncode}): {' '.join((out.stdout + out.stderr).split())[-1500:]}")
-    print(f"deployed {DEPLOYMENT} on pool {pool!r}: commit {commit[:12]} of {repository}; DVC remote {remote}")
+    print(f"deployed {DEPLOYMENT} on pool {pool!r}: commit {commit[:12]} of {redacted(repository)}; "
+          f"DVC remote {remote}")
     return commit
 
 

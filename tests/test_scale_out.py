@@ -74,11 +74,18 @@ def tracking_server(s3):
         return proc
 
     def restart() -> None:
+        """SIGKILL the server and take its PostgreSQL down as a crash does (`pg_ctl stop -m immediate`: no
+        shutdown checkpoint, crash recovery at the next start; pg_ctl runs it in a session of its own, out
+        of the server's process group), then start both again."""
+        from flows.mlflow_server import _as_postgres_user, _pg_bin
+
         stop(server["proc"], signal.SIGKILL)
+        subprocess.run(_as_postgres_user([_pg_bin("pg_ctl"), "-D", str(state / "pg"), "-m", "immediate", "-w",
+                                          "stop"]), check=True, capture_output=True)
         server["proc"] = start()
 
     server = {"proc": start(), "url": f"http://127.0.0.1:{port}", "log": log, "restart": restart,
-              "pg": f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow"}
+              "pg_port": pg_port, "pg_password": (state / "pg.password").read_text().strip()}
     try:
         yield server
     finally:
@@ -233,19 +240,22 @@ def _last_line(out: subprocess.CompletedProcess) -> str:
 
 
 def test_mlflow_server_names_an_unreachable_or_wrong_backend_before_starting(tmp_path, s3, tracking_server):
-    """A PostgreSQL that does not answer, a database that does not exist, a user it does not know (the
-    password redacted in the message), an artifact bucket that does not
+    """A PostgreSQL that does not answer, a database that does not exist, a wrong password, a user it does
+    not know (the password redacted in the message), an artifact bucket that does not
     exist, an S3 endpoint that does not answer and missing AWS credentials: each is the last line, exit 1,
     and no server starts."""
     env = base_env(**CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3["url"], HOME=str(tmp_path))
     nobody = free_port()
-    pg_root = tracking_server["pg"].rsplit("/", 1)[0]
+    pg = f"127.0.0.1:{tracking_server['pg_port']}"
     cases = [
         (["--backend-store-uri", f"postgresql://postgres@127.0.0.1:{nobody}/mlflow"], env,
          f"no PostgreSQL answers at 127.0.0.1:{nobody}"),
-        (["--backend-store-uri", f"{pg_root}/nope"], env, f"PostgreSQL at {pg_root.split('@')[1]} has no database 'nope'"),
-        (["--backend-store-uri", pg_root.replace("postgres@", "nobody:secret@") + "/mlflow"], env,
-         f"PostgreSQL at {pg_root.split('@')[1]} refused the credentials of user 'nobody'"),
+        (["--backend-store-uri", f"postgresql://postgres:{tracking_server['pg_password']}@{pg}/nope"], env,
+         f"PostgreSQL at {pg} has no database 'nope'"),
+        (["--backend-store-uri", f"postgresql://postgres:secret@{pg}/mlflow"], env,
+         f"PostgreSQL at {pg} refused the credentials of user 'postgres'"),
+        (["--backend-store-uri", f"postgresql://nobody:secret@{pg}/mlflow"], env,
+         f"PostgreSQL at {pg} refused the credentials of user 'nobody'"),
         (["--artifacts-destination", "s3://no-such-bucket/a"], env, "S3 bucket 'no-such-bucket' at"),
         (["--artifacts-destination", "s3://ddpm-mlflow/a"], {**env, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{nobody}"},
          f"nothing answers at http://127.0.0.1:{nobody}"),
@@ -257,15 +267,15 @@ def test_mlflow_server_names_an_unreachable_or_wrong_backend_before_starting(tmp
         line = _last_line(out)
         assert out.returncode == 1 and line.startswith("ddpm mlflow-server: error: ") and expected in line, \
             (args, out.returncode, (out.stdout + out.stderr)[-2000:])
-        assert "secret" not in out.stdout + out.stderr
+        assert "secret" not in out.stdout + out.stderr and tracking_server["pg_password"] not in out.stdout + out.stderr
     assert "does not exist: create it" in _last_line(run([DDPM, "mlflow-server", "--artifacts-destination",
                                                           "s3://no-such-bucket/a"], tmp_path, check=False, env=env))
 
 
 def test_an_unreachable_s3_remote_or_missing_credentials_is_one_line(tmp_path, s3):
     """`ddpm pull-inputs` (a worker's pull step) and the pipeline's checked `dvc push` against the S3 remote:
-    an endpoint that does not answer is transient (exit 1, retried by the flow), missing credentials are
-    not (exit 2)."""
+    an endpoint that does not answer is transient (exit 1, retried by the flow), missing credentials and a
+    missing bucket are not (exit 2)."""
     from flows import dvc_cache
     from flows.dvc_remote import RemoteUnavailable
 
@@ -280,6 +290,13 @@ def test_an_unreachable_s3_remote_or_missing_credentials_is_one_line(tmp_path, s
     out = run([DDPM, "pull-inputs"], project, check=False, env=no_keys)
     assert out.returncode == 2 and "no AWS credentials for the DVC remote 'shared'" in _last_line(out), \
         (out.stdout + out.stderr)[-3000:]
+    run([*dvc, "remote", "modify", "shared", "endpointurl", s3["url"]], project)
+    run([*dvc, "remote", "modify", "shared", "url", "s3://ddpm-missing/store"], project)
+    out = run([DDPM, "pull-inputs"], project, check=False, env=env)
+    assert out.returncode == 2 and "the bucket 'ddpm-missing' of the DVC remote 'shared' (s3://ddpm-missing/store " \
+        f"at {s3['url']}) does not exist" in _last_line(out), (out.stdout + out.stderr)[-3000:]
+    run([*dvc, "remote", "modify", "shared", "url", "s3://ddpm-dvc/store"], project)
+    run([*dvc, "remote", "modify", "shared", "endpointurl", f"http://127.0.0.1:{free_port()}"], project)
     (project / "data").mkdir(exist_ok=True)
     (project / "data" / "extra.txt").write_text("something to push\n")
     run([*dvc, "add", "data/extra.txt"], project)
