@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup data run test clean prefect-server mlflow-ui mlflow-server deploy worker sweep bench-train gpu-wheels
+.PHONY: setup data run test postgresql clean prefect-server mlflow-ui mlflow-server deploy worker sweep bench-train gpu-wheels
 
 $(BIN)/ddpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,20 @@ data:
 run: setup data
 	$(BIN)/ddpm pipeline $(if $(filter-out /usr/share/datasets/fashion-mnist,$(FASHION_MNIST_DIR)),-S prepare.source_path=$(FASHION_MNIST_DIR))
 
-test: setup
+test: setup postgresql
 	$(BIN)/python -m pytest
+
+# Debian's PostgreSQL: `ddpm mlflow-server` starts one, and so do the scale-out tests.
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
+	  sudo apt-get update -qq && sudo apt-get install -y -qq postgresql >/dev/null; \
+	else \
+	  echo "PostgreSQL is not installed and apt-get is not available: install PostgreSQL (initdb, pg_ctl) for"; \
+	  echo "make mlflow-server and the scale-out tests"; \
+	fi
 
 # A recipe study (README, "Recipe studies"): each recipe of the sweep file is one DVC experiment.
 SWEEP ?= sweeps/fashion_cpu.yaml
@@ -62,7 +74,7 @@ mlflow-ui: setup
 # deployed to the Prefect work pool `ddpm` at this commit, and a worker on it (one flow run at a time).
 PG_PORT ?= 5433
 MLFLOW_HOST ?= 127.0.0.1
-mlflow-server: setup
+mlflow-server: setup postgresql
 	$(BIN)/python -m pip install -q -e '.[server,s3]'
 	$(BIN)/ddpm mlflow-server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --pg-port $(PG_PORT) \
 	  $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS)) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
