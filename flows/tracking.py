@@ -185,7 +185,7 @@ def log_dataset(root: str | Path, run_id: str, cfg: Config, manifest: dict) -> N
     profile = {"shape": manifest.get("shape"), "classes": len(manifest.get("classes") or []),
                **{f"{split}_images": info.get("count") for split, info in manifest.get("splits", {}).items()}}
     name = f"{cfg.prepare.source}-{Path(cfg.prepare.source_path).name or cfg.prepare.hub_id}-{cfg.prepare.resolution}px"
-    ds = Dataset(name=name, digest=manifest["content_hash"][:12], source_type="dvc", source=json.dumps(source),
+    ds = Dataset(name=name, digest=manifest["content_hash"][:12], source_type="dvc", source=scrub(json.dumps(source)),
                  profile=json.dumps(profile))
     client(root).log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
 
@@ -236,7 +236,7 @@ def log_params(root: str | Path, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     c = client(root)
-    batch = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    batch = [Param(k, scrub(json.dumps(v) if isinstance(v, (list, dict)) else str(v))) for k, v in params.items()]
     for i in range(0, len(batch), 100):
         c.log_batch(run_id, params=batch[i : i + 100])
 
@@ -403,15 +403,35 @@ def resolve_model(root: str | Path, ref: str, download_dir: str | Path) -> tuple
             raise FileNotFoundError(f"model {path} not found: run `ddpm train` first, or pass models:/<name>@<alias>")
         info = verified_run_file(root, path.parent)
         return path, info["run_id"] if info else None
+    mv, _, weights = _download_checked(root, ref, download_dir)
+    return weights, mv.run_id
+
+
+def load_pyfunc(ref: str, root: str | Path = ".", download_dir: str | Path | None = None):
+    """``mlflow.pyfunc.load_model`` for a registered version, after the checks every loader of the project
+    makes (no pickle unless ``DDPM_TRUST_PICKLES=1``, the weights' sha256 as logged): MLflow's own loader
+    unpickles whatever a version holds before any of this project's code runs. The checked copy is loaded."""
+    import tempfile
+
+    import mlflow
+
+    _, local, _ = _download_checked(root, ref, download_dir or tempfile.mkdtemp(prefix="ddpm-model-"))
+    return mlflow.pyfunc.load_model(str(local))
+
+
+def _download_checked(root: str | Path, ref: str, download_dir: str | Path):
+    """Download the version ``ref`` names; raises :class:`model_safety.UnsafeModel` or FileNotFoundError
+    before anything in it is loaded. Returns (ModelVersion, local folder, its model.safetensors)."""
     import mlflow
 
     mv = registry_version(root, ref)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(download_dir))
-    weights = next(Path(local).rglob("model.safetensors"), None)
-    model_safety.check_version(ref, mv.version, Path(local), weights, _logged_sha256(root, mv.run_id))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}",
+                                                     dst_path=str(download_dir)))
+    weights = next(local.rglob("model.safetensors"), None)
+    model_safety.check_version(ref, mv.version, local, weights, _logged_sha256(root, mv.run_id))
     if weights is None:
-        raise FileNotFoundError(f"model {ref} (version {mv.version}) holds no model.safetensors")
-    return weights, mv.run_id
+        raise FileNotFoundError(f"model {ref} (version {mv.version}) holds no model.safetensors: nothing is loaded")
+    return mv, local, weights
 
 
 def _logged_sha256(root: str | Path, run_id: str | None) -> str | None:

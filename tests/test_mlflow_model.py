@@ -184,6 +184,8 @@ def test_a_version_that_carries_a_pickle_is_refused_unless_trusted(registered, t
                          capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]})
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == f"ddpm sample: error: {caught.value}"
     assert not list((tmp_path / "s").glob("*.npz")) and not list((tmp_path / "s").glob("*.png"))  # nothing sampled
+    with pytest.raises(UnsafeModel, match="carries a pickle"):  # the project's pyfunc loader: not unpickled
+        tracking.load_pyfunc(ref, root)
     monkeypatch.setenv("DDPM_TRUST_PICKLES", "1")  # the opt-in for a trusted store
     weights, _ = tracking.resolve_model(root, ref, tmp_path / "b")
     assert weights.name == "model.safetensors"
@@ -206,6 +208,28 @@ def test_weights_changed_after_registration_are_refused(registered, tmp_path):
     data = bytearray(stored.read_bytes())
     data[-1] ^= 1  # one bit of the last tensor
     stored.write_bytes(bytes(data))
-    with pytest.raises(UnsafeModel, match=rf"^model {ref} \(version {version}\): model\.safetensors does not hash "
-                                          r"to the sha256 its training run logged"):
-        tracking.resolve_model(root, ref, tmp_path / "b")
+    for load in (lambda: tracking.resolve_model(root, ref, tmp_path / "b"), lambda: tracking.load_pyfunc(ref, root)):
+        with pytest.raises(UnsafeModel, match=rf"^model {ref} \(version {version}\): model\.safetensors does not "
+                                              r"hash to the sha256 its training run logged"):
+            load()
+
+
+def test_the_checked_pyfunc_loader_loads_a_good_version_and_refuses_one_without_weights(registered, tmp_path):
+    import mlflow
+
+    root = registered["root"]
+    model = tracking.load_pyfunc(f"models:/{NAME}/{registered['version']}", root)
+    images = model.predict({"num_samples": [2]}, params={"steps": 2, "seed": 1})
+    assert images.shape == (2, 1, 8, 8) and images.dtype == np.uint8
+    code = tmp_path / "bare_model.py"  # a pyfunc from code with no weights at all: nothing to hash or load
+    code.write_text("import mlflow.pyfunc\nfrom mlflow.models import set_model\n\n"
+                    "class Bare(mlflow.pyfunc.PythonModel):\n    def predict(self, context, model_input, params=None):\n"
+                    "        return model_input\n\nset_model(Bare())\n")
+    c = tracking.client(root)
+    run_id = c.create_run(tracking.experiment_id(c, root, "pyfunc")).info.run_id
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), registered_model_name=NAME)
+    ref = f"models:/{NAME}/{info.registered_model_version}"
+    for load in (lambda: tracking.load_pyfunc(ref, root), lambda: tracking.resolve_model(root, ref, tmp_path / "d")):
+        with pytest.raises(FileNotFoundError, match=rf"^model {ref} \(version \d+\) holds no model\.safetensors"):
+            load()
