@@ -63,9 +63,10 @@ sweep: setup data
 # Operations (see README, "Operations"): a local Prefect server for schedules, and the MLflow UI.
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
-# The UI asks its API at PREFECT_UI_API_URL (else PREFECT_API_URL, which a profile may point at another port).
+PREFECT_HOST ?= 127.0.0.1
+# With PREFECT_SERVER_API_AUTH_STRING=user:password exported, clients need PREFECT_API_AUTH_STRING (docs/scale-out.md).
 prefect-server: setup
-	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	$(BIN)/ddpm prefect-server --host $(PREFECT_HOST) --port $(PREFECT_PORT)
 
 mlflow-ui: setup
 	$(BIN)/ddpm ui --port $(MLFLOW_PORT)
@@ -77,7 +78,8 @@ MLFLOW_HOST ?= 127.0.0.1
 mlflow-server: setup postgresql
 	$(BIN)/python -m pip install -q -e '.[server,s3]'
 	$(BIN)/ddpm mlflow-server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --pg-port $(PG_PORT) \
-	  $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS)) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
+	  $(if $(ARTIFACTS),--artifacts-destination $(ARTIFACTS)) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS)) \
+	  $(if $(MLFLOW_AUTH),--auth) $(if $(USERS),--auth --users $(USERS))
 
 deploy: setup
 	$(BIN)/ddpm deploy

@@ -405,7 +405,13 @@ def cmd_mlflow_server(args) -> int:
 
     return serve(host=args.host, port=args.port, backend_store_uri=args.backend_store_uri,
                  artifacts_destination=args.artifacts_destination, pg_port=args.pg_port, pg_data=args.pg_data,
-                 allowed_hosts=args.allowed_hosts)
+                 allowed_hosts=args.allowed_hosts, auth=args.auth, users_file=args.users)
+
+
+def cmd_prefect_server(args) -> int:
+    from flows.serve import prefect_server
+
+    return prefect_server(host=args.host, port=args.port)
 
 
 def cmd_ui(args) -> int:
@@ -475,7 +481,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pg-data", help="data folder of the local PostgreSQL (default: .mlflow-server/postgres)")
     p.add_argument("--allowed-hosts", help="host names clients use to reach the server, comma-separated (MLflow "
                    "refuses other Host headers; needed with --host 0.0.0.0), e.g. mlflow.internal,mlflow.internal:5000")
+    p.add_argument("--auth", action="store_true", help="MLflow's basic-auth app: the admin's password from "
+                   "MLFLOW_AUTH_ADMIN_PASSWORD; clients log in with MLFLOW_TRACKING_USERNAME/PASSWORD")
+    p.add_argument("--users", metavar="FILE", help="with --auth: name:password lines; each user is created (or its "
+                   "password set) when the server starts")
     p.set_defaults(fn=cmd_mlflow_server)
+
+    p = sub.add_parser("prefect-server", help="a Prefect server for schedules and workers (with "
+                       "PREFECT_SERVER_API_AUTH_STRING=user:password, an authenticated one)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=4200)
+    p.set_defaults(fn=cmd_prefect_server)
+
     p = sub.add_parser("ui", help="start the MLflow UI for the project's tracking store on 127.0.0.1")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -519,10 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from ddpm.checkpoint import CheckpointError
         from ddpm.train import TrainingOutOfMemoryError
+        from flows.credentials import refusal, scrub
 
         # deterministic failures whose message says what to do: no traceback above it
-        if isinstance(exc, (CheckpointError, TrainingOutOfMemoryError, FloatingPointError)):
-            print(f"ddpm {args.command}: error: {exc}", file=sys.stderr)
+        refused = refusal(exc)  # a server refused the credentials (HTTP 401/403): retrying cannot help
+        if refused is not None or isinstance(exc, (CheckpointError, TrainingOutOfMemoryError, FloatingPointError)):
+            _quiet_prefect()
+            print(f"ddpm {args.command}: error: {scrub(str(refused or exc))}", file=sys.stderr)
             return EXIT_USAGE
         raise
     return rc if isinstance(rc, int) else 0

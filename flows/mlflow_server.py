@@ -6,6 +6,12 @@ Without ``--backend-store-uri`` it starts a PostgreSQL of its own (Debian's ``po
 usual AWS variables and ``MLFLOW_S3_ENDPOINT_URL`` for MinIO or another S3-compatible store); clients reach
 them through the server (``mlflow-artifacts:/``), so they need no storage credentials of their own.
 Every backend is checked before the server starts, so a wrong address or password is one clear line.
+
+With ``--auth`` it runs MLflow's basic-auth app: the admin is ``MLFLOW_AUTH_ADMIN_USERNAME`` (default
+``admin``) with ``MLFLOW_AUTH_ADMIN_PASSWORD`` (required, never written to a file), the user store is
+``<state>/basic_auth.db``, and ``--users FILE`` (``name:password`` lines) creates or updates users once the
+server answers. Users get EDIT on every experiment and model (a team logs runs and registers versions in one
+experiment); clients set ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from flows.credentials import warn_if_exposed
 from flows.tracking_outage import redacted
 
 STATE = Path(".mlflow-server")
@@ -198,12 +205,18 @@ def check_s3(url: str) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None,
           artifacts_destination: str | None = None, pg_port: int = 5433, pg_data: str | None = None,
-          allowed_hosts: str | None = None, state: Path = STATE) -> int:
+          allowed_hosts: str | None = None, state: Path = STATE, auth: bool = False,
+          users_file: str | None = None) -> int:
     """Check the backends, then run ``mlflow server`` in the foreground until Ctrl+C; a PostgreSQL this
-    command started is stopped with it."""
+    command started is stopped with it. ``auth``: MLflow's basic-auth app (flows/mlflow_auth.py)."""
+    from flows import mlflow_auth
     from flows.serve import check_port_free, server_env
 
     check_port_free(host, port, "the MLflow tracking server")
+    if users_file and not auth:
+        raise mlflow_auth.AuthSetupError("--users needs --auth")
+    users = mlflow_auth.read_users(users_file) if users_file else {}
+    auth_env = mlflow_auth.server_env(state) if auth else {}
     artifacts = artifacts_destination or str((state / "artifacts").resolve())
     if artifacts.startswith("s3://"):
         check_s3(artifacts)
@@ -217,17 +230,24 @@ def serve(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | No
         if backend_store_uri.startswith("postgresql"):
             check_postgres(backend_store_uri)
         # The store's URI (its password) in the environment, not on a command line `ps` shows
-        env = {**server_env(), "MLFLOW_BACKEND_STORE_URI": backend_store_uri}
+        env = {**server_env(), "MLFLOW_BACKEND_STORE_URI": backend_store_uri, **auth_env}
         cmd = [sys.executable, "-m", "mlflow", "server", "--artifacts-destination", artifacts, "--serve-artifacts",
                "--host", host, "--port", str(port), "--workers", "1"]
         if allowed_hosts:
             cmd += ["--allowed-hosts", allowed_hosts]
+        if auth:
+            cmd += ["--app-name", "basic-auth"]
         reach = socket.gethostname() if host in ("0.0.0.0", "::") else host
+        login = (" and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (a user of this server)" if auth else "")
         print(f"MLflow tracking server on http://{host}:{port}: runs in {redacted(backend_store_uri)}, artifacts "
-              f"in {artifacts}; clients: export MLFLOW_TRACKING_URI=http://{reach}:{port}; Ctrl+C stops",
-              flush=True)
+              f"in {artifacts}{', basic-auth users in ' + str(state / 'basic_auth.db') if auth else ''}; clients: "
+              f"export MLFLOW_TRACKING_URI=http://{reach}:{port}{login}; Ctrl+C stops", flush=True)
+        warn_if_exposed(host, "the MLflow tracking server", auth,
+                        "Start it with --auth (make mlflow-server MLFLOW_AUTH=1) and MLFLOW_AUTH_ADMIN_PASSWORD set.")
         proc = subprocess.Popen(cmd, env=env)
         try:
+            if users:
+                mlflow_auth.provision(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", users, proc)
             return proc.wait()
         except BaseException:
             proc.send_signal(signal.SIGINT)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from flows import tracking
+from flows.credentials import warn_if_exposed
 from flows.signals import stop_process_group
+from flows.tracking_outage import redacted
 
 
 class ServerUnavailable(RuntimeError):
@@ -35,11 +38,18 @@ def check_prefect_server(timeout_s: float = 5.0, what: str = "schedules") -> str
             "the active Prefect profile): start one with `make prefect-server` (prefect server start --host "
             "127.0.0.1 --port 4200), then `export PREFECT_API_URL=http://127.0.0.1:4200/api` or "
             "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
-    try:
-        httpx.get(api.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    from flows.credentials import prefect_headers, prefect_refusal
+
+    try:  # an API route: the server answers /health to anyone, and the rest only with its auth string
+        reply = httpx.get(api.rstrip("/") + "/admin/version", headers=prefect_headers(), timeout=timeout_s)
     except httpx.HTTPError as exc:
-        raise ServerUnavailable(f"no Prefect server answers at PREFECT_API_URL={api} ({exc}); "
+        raise ServerUnavailable(f"no Prefect server answers at PREFECT_API_URL={redacted(api)} ({exc}); "
                                 "start one with `make prefect-server`") from None
+    if reply.status_code == 401:
+        raise prefect_refusal(api)
+    if reply.status_code != 200:
+        raise ServerUnavailable(f"the Prefect server at PREFECT_API_URL={redacted(api)} answered HTTP "
+                                f"{reply.status_code} ({reply.text.strip()[:200]})")
     return api
 
 
@@ -81,6 +91,8 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
         print(f"MLFLOW_TRACKING_URI points at a tracking server: its UI is {uri}")
         return 0
     check_port_free(host, port)
+    warn_if_exposed(host, "the MLflow UI", False, "Keep it on 127.0.0.1, or share runs through `make mlflow-server "
+                    "MLFLOW_AUTH=1` instead.")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     artifacts = tracking.artifact_root(root)
     if artifacts:  # experiments made in the UI keep their artifacts where the pipeline's are
@@ -91,6 +103,32 @@ def mlflow_ui(root: str = ".", host: str = "127.0.0.1", port: int = 5000) -> int
         return ui.wait()
     finally:  # Ctrl-C, SIGTERM
         stop_process_group(ui, grace_s=10, first=signal.SIGINT)
+
+
+def prefect_server(host: str = "127.0.0.1", port: int = 4200) -> int:
+    """``prefect server start`` in the foreground, its UI asking the API at this address. With
+    ``PREFECT_SERVER_API_AUTH_STRING`` (user:password) set, the API answers only clients whose
+    ``PREFECT_API_AUTH_STRING`` is the same, and the UI asks for it; without it, beyond loopback, a warning."""
+    from prefect.settings import PREFECT_SERVER_API_AUTH_STRING
+
+    check_port_free(host, port, "the Prefect server")
+    auth = PREFECT_SERVER_API_AUTH_STRING.value()
+    auth = auth.get_secret_value() if hasattr(auth, "get_secret_value") else auth
+    if auth is not None and ":" not in auth:
+        raise ValueError("PREFECT_SERVER_API_AUTH_STRING must be user:password (clients send it as HTTP basic auth)")
+    reach = socket.gethostname() if host in ("0.0.0.0", "::") else host
+    api = f"http://{reach}:{port}/api"
+    print(f"Prefect server on http://{host}:{port}: clients export PREFECT_API_URL={api}"
+          + (" and PREFECT_API_AUTH_STRING=<the same user:password>" if auth else "") + "; Ctrl+C stops", flush=True)
+    warn_if_exposed(host, "the Prefect server", bool(auth), "Set PREFECT_SERVER_API_AUTH_STRING=user:password "
+                    "(make prefect-server PREFECT_HOST=... with it exported).")
+    env = {**os.environ, "PREFECT_UI_API_URL": api}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+                              start_new_session=True, env=env)
+    try:
+        return server.wait()
+    finally:  # Ctrl-C, SIGTERM
+        stop_process_group(server, grace_s=20, first=signal.SIGINT)
 
 
 def check_port_free(host: str, port: int, what: str = "the MLflow UI") -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.credentials import mlflow_auth, mlflow_refusal
 from flows.tracking_outage import redacted
 
 POOL = "ddpm"
@@ -93,13 +94,15 @@ def check_tracking_server(timeout_s: float = 10.0) -> str:
     # whose Host is not among the server's --allowed-hosts (403)
     probe = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     try:
-        reply = httpx.get(probe, timeout=timeout_s)
+        reply = httpx.get(probe, auth=mlflow_auth(uri), timeout=timeout_s)
     except httpx.HTTPError as exc:
         raise NotShared(f"no MLflow tracking server answers at MLFLOW_TRACKING_URI={redacted(uri)} ({exc}); "
                         "start it (`make mlflow-server`) or fix the URI") from None
     if reply.status_code == 403 and "Host" in reply.text:
         raise NotShared(f"the MLflow server at {redacted(uri)} refuses this host name ({reply.text.strip()[:200]}): "
                         "start it with --allowed-hosts naming it (make mlflow-server ALLOWED_HOSTS=...)")
+    if reply.status_code in (401, 403):
+        raise mlflow_refusal(reply.status_code, uri, "searching its experiments")
     if reply.status_code != 200:
         raise NotShared(f"the MLflow server at {redacted(uri)} answered {reply.status_code} to an API call "
                         f"({reply.text.strip()[:200]})")
@@ -236,6 +239,9 @@ def pipeline_at_commit(overrides: list[str] | None = None, study: str = "", reci
                        study_run_id: str = "") -> dict:
     """The pipeline in the checkout the deployment's pull steps made (the working directory), with
     ``overrides`` for this run only; ``study``/``recipe``/``study_run_id`` file it under a recipe study."""
+    from flows.credentials import scrub_prefect_logs
+
+    scrub_prefect_logs()
     check_dependencies()
     root = Path.cwd()
     # The stages run `ddpm` from this worker's environment: let it import this commit's code, not the

@@ -42,7 +42,8 @@ def base_env(**extra: str) -> dict:
     env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
     env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PREFECT_API_URL"):
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "PREFECT_API_URL", "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"):
         env.pop(key, None)
     env.update(extra)
     return env
