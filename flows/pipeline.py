@@ -30,7 +30,9 @@ from prefect.states import Cancelled
 
 from ddpm import config as config_mod
 from flows import dvc_cache, experiment, tracking, workspace_lock
+from flows.credentials import scrub, scrub_prefect_logs
 from flows.signals import Stopped, signal_of, stop_process_group
+from flows.tracking_outage import redacted
 from flows.stage_failure import StageFailed, StageTimedOut, classify
 
 STAGES = config_mod.PIPELINE_STAGES
@@ -179,7 +181,7 @@ def _report(root: Path, cfg, results: list[dict], saved: str | None, overrides: 
     lines += ["", "## Where to look", "",
               f"- sample grid: `{(root / cfg.sample.out_dir / 'grid.png').resolve()}`",
               f"- model: `{(root / cfg.train.out_dir / 'model.safetensors').resolve()}`",
-              f"- MLflow run: `{run.get('run_id')}` in `{tracking.tracking_uri(root)}`",
+              f"- MLflow run: `{run.get('run_id')}` in `{redacted(tracking.tracking_uri(root))}`",
               f"- registered model: `models:/{run.get('model_name')}/{run.get('model_version')}`"]
     if saved:
         lines.append(f"- DVC experiment: `{saved}` (`dvc exp show`; here `dvc exp apply {saved}` restores its params, "
@@ -204,6 +206,7 @@ def ddpm_pipeline(root: str = ".", overrides: list[str] | None = None, push: boo
     changes results is saved as a DVC experiment; overrides hold for this run only (flows/experiment.py)."""
     from prefect.runtime import flow_run
 
+    scrub_prefect_logs()  # no password or key from the environment reaches the flow's logs
     root_path = Path(root).resolve()
     overrides = list(overrides or [])
     with workspace_lock.hold(root_path, flow_run.name):  # refused at once if another run holds the workspace
@@ -268,7 +271,7 @@ def _run_stages(root: Path, overrides: list[str], push: bool, name: str | None, 
             saved = experiment.save(root, name)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the results stand; only the record is missing
             get_run_logger().warning("this run is not recorded as a DVC experiment: %s", exc)
-    report = _report(root, cfg, results, saved, overrides)
+    report = scrub(_report(root, cfg, results, saved, overrides))
     create_markdown_artifact(report, key="ddpm-pipeline-report", description="metrics and where the results are")
     print(report)
     metrics_path = root / cfg.evaluate.metrics_path

@@ -9,6 +9,8 @@ import re
 import signal
 from collections.abc import Sequence
 
+from flows.credentials import scrub
+
 # `ddpm <stage>` exits 2 for the errors it explains (bad config or data, divergence, out of memory)
 EXIT_DETERMINISTIC = 2
 _DVC_ERROR = "ERROR: "
@@ -59,9 +61,9 @@ def classify(stage: str, lines: Sequence[str]) -> StageFailed:
         if signum:  # killed by a signal (the OOM killer, a kill -9): the command printed no reason of its own
             shown = reason.startswith("> ") or reason in _SHELL_SIGNAL_LINES
             reason = f"killed by {_signal_name(signum)}" + ("" if shown else f" after: {reason}")
-        return StageFailed(stage, code, reason, code == EXIT_DETERMINISTIC)
+        return StageFailed(stage, code, scrub(reason), code == EXIT_DETERMINISTIC)
     reason = dvc_errors[-1][len(_DVC_ERROR):] if dvc_errors else (lines[-1] if lines else "no output")
-    return StageFailed(stage, None, reason, "lock" not in reason.lower())
+    return StageFailed(stage, None, scrub(reason), "lock" not in reason.lower())
 
 
 def _signal_name(signum: int) -> str:

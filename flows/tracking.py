@@ -22,6 +22,8 @@ from typing import Any
 
 from ddpm.config import Config
 from flows import model_safety
+from flows.credentials import scrub
+from flows.tracking_outage import redacted
 
 RUN_FILE = "mlflow.json"
 # What the logged pyfunc needs where it is loaded (the ddpm library itself travels in the model as code)
@@ -126,7 +128,7 @@ def verified_run_file(root: str | Path, directory: str | Path) -> dict[str, Any]
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        print(f"MLflow: {where} names run {info['run_id']}, which the tracking store {tracking_uri(root)} does not "
+        print(f"MLflow: {where} names run {info['run_id']}, which the tracking store {redacted(tracking_uri(root))} does not "
               f"hold (outputs pulled from DVC, or another store): its stages log into a new run")
         return {**info, "run_id": None, "model_version": None, "stale_run_id": info["run_id"]}
     if info.get("model_version"):
@@ -136,7 +138,7 @@ def verified_run_file(root: str | Path, directory: str | Path) -> dict[str, Any]
         except MlflowException:
             owner = None
         if owner != info["run_id"]:
-            print(f"MLflow: {where} names {name} version {version}, which in {tracking_uri(root)} "
+            print(f"MLflow: {where} names {name} version {version}, which in {redacted(tracking_uri(root))} "
                   f"{'belongs to run ' + owner if owner else 'does not exist'}, not to run {info['run_id']}: "
                   f"no registered version is used for it")
             return {**info, "model_version": None}
@@ -389,7 +391,11 @@ def registry_version(root: str | Path, ref: str):
         name, version = body.rsplit("/", 1)
         return c.get_model_version(name, version)
     except (MlflowException, ValueError) as exc:
-        raise FileNotFoundError(f"model {ref} is not in the registry at {tracking_uri(root)}: {exc}") from None
+        from flows.credentials import refusal
+
+        if refusal(exc) is not None:  # the server refused the credentials: not a missing model
+            raise refusal(exc) from None
+        raise FileNotFoundError(f"model {ref} is not in the registry at {redacted(tracking_uri(root))}: {exc}") from None
 
 
 def resolve_model(root: str | Path, ref: str, download_dir: str | Path) -> tuple[Path, str | None]:

@@ -26,7 +26,14 @@ from tests.test_operations import (DDPM, MODEL_NAME, base_env, chromium_dom, fre
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# Distinctive secrets, searched for in every record the pipeline leaves (moto accepts any AWS key)
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "aws-Secret-93be1f6a0c",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+USER, PASSWORD = "alice", "alice-Pw-7c1e9b44"  # a user of the MLflow server (--auth --users)
+ADMIN_PASSWORD = "admin-Pw-5f3a2d81e6"
+PREFECT_AUTH = "team:prefect-Pw-0d4b7a3c"  # the Prefect server's PREFECT_SERVER_API_AUTH_STRING
+SECRETS = (PASSWORD, ADMIN_PASSWORD, CREDENTIALS["AWS_SECRET_ACCESS_KEY"], PREFECT_AUTH.partition(":")[2])
+AUTH = (USER, PASSWORD)
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +62,26 @@ def _objects(s3: dict, bucket: str, prefix: str = "") -> list[str]:
 
 @pytest.fixture(scope="module")
 def tracking_server(s3):
-    """`ddpm mlflow-server` with its own PostgreSQL and artifacts on s3://ddpm-mlflow/artifacts;
-    ``restart()`` SIGKILLs the server and its database together and starts them again."""
+    """`ddpm mlflow-server --auth` (MLflow's basic-auth app, the user alice) with its own PostgreSQL and
+    artifacts on s3://ddpm-mlflow/artifacts; ``restart()`` SIGKILLs the server and its database together and
+    starts them again."""
     state = Path(tempfile.mkdtemp(prefix="ddpm-mlflow-server-"))
     state.chmod(0o755)  # PostgreSQL runs as the user postgres, who must reach its data folder
     port, pg_port, log = free_port(), free_port(), state / "server.log"
-    env = base_env(**CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3["url"])
+    users = state / "users.txt"
+    users.write_text(f"# the team\n{USER}:{PASSWORD}\n")
+    users.chmod(0o600)
+    env = base_env(**CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3["url"], MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD)
     cmd = [DDPM, "mlflow-server", "--port", str(port), "--pg-port", str(pg_port), "--pg-data", str(state / "pg"),
-           "--artifacts-destination", "s3://ddpm-mlflow/artifacts"]
+           "--artifacts-destination", "s3://ddpm-mlflow/artifacts", "--auth", "--users", str(users)]
 
     def start() -> subprocess.Popen:
         proc = spawn(cmd, log, cwd=state, env=env)
         try:
             wait_http(f"http://127.0.0.1:{port}/health", proc, 120, log)
+            deadline = time.monotonic() + 60  # then its users
+            while b"MLflow users ready" not in log.read_bytes() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.5)
         except BaseException:
             stop(proc, signal.SIGINT)
             raise
@@ -96,6 +110,21 @@ def tracking_server(s3):
         shutil.rmtree(state, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def prefect_auth(tmp_path_factory):
+    """`ddpm prefect-server` with PREFECT_SERVER_API_AUTH_STRING: the environment its clients need."""
+    home = tmp_path_factory.mktemp("prefect-auth")
+    port, log = free_port(), home / "server.log"
+    proc = spawn([DDPM, "prefect-server", "--port", str(port)], log,
+                 env=base_env(PREFECT_HOME=str(home), PREFECT_SERVER_API_AUTH_STRING=PREFECT_AUTH))
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{api}/health", proc, 180, log)
+        yield {"PREFECT_API_URL": api, "PREFECT_API_AUTH_STRING": PREFECT_AUTH}
+    finally:
+        stop(proc, signal.SIGINT, grace_s=30)
+
+
 def s3_project(base: Path, s3: dict, extra: list[str] = ()) -> Path:
     """A tiny project whose default DVC remote is s3://ddpm-dvc/store on the moto server, committed."""
     project = tiny_project(base, list(extra))
@@ -109,17 +138,19 @@ def s3_project(base: Path, s3: dict, extra: list[str] = ()) -> Path:
 # --- MLflow on PostgreSQL, artifacts and the DVC remote on S3 ----------------------------------------
 
 def test_the_pipeline_against_postgresql_and_s3_with_a_tracking_server_that_restarts(tmp_path, s3, tracking_server,
-                                                                                      prefect_api_url):
-    """`ddpm pipeline` logging to `ddpm mlflow-server` (PostgreSQL, artifacts on S3) and pushing to an S3 DVC
-    remote; the server and its database are SIGKILLed at the first checkpoint and started again: training
-    goes on (or the flow's retry resumes it), and the server shows one finished run with every loss point,
-    its artifacts in the bucket, the registered version with the champion alias (the promotion gate), and
-    the UI shows the run; `dvc status -c` has nothing to push."""
+                                                                                      prefect_auth):
+    """`ddpm pipeline` logging to `ddpm mlflow-server --auth` (PostgreSQL, artifacts on S3) as alice, whose
+    password is in MLFLOW_TRACKING_URI, with its flow run on a Prefect server that wants an auth string, and
+    pushing to an S3 DVC remote; the server and its database are SIGKILLed at the first checkpoint and started
+    again: training goes on (or the flow's retry resumes it), and the server shows one finished run with every
+    loss point, its artifacts in the bucket, the registered version with the champion alias (the promotion
+    gate), and the UI shows the run; `dvc status -c` has nothing to push. No secret of the environment is in
+    any record the run left (MLflow, Prefect, the artifacts, the DVC files and remote, the terminal)."""
     project = s3_project(tmp_path, s3, ["train.steps=40", "train.log_every_steps=2", "train.checkpoint_every_steps=5",
                                         "train.keep_checkpoints=20"])
     url = tracking_server["url"]
-    env = base_env(**CREDENTIALS, MLFLOW_TRACKING_URI=url, OMP_NUM_THREADS="1", PREFECT_API_URL=prefect_api_url,
-                   MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")  # MLflow's HTTP retries 1, 2, 4, 8 s apart
+    env = base_env(**CREDENTIALS, **prefect_auth, MLFLOW_TRACKING_URI=url.replace("://", f"://{USER}:{PASSWORD}@"),
+                   OMP_NUM_THREADS="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")  # MLflow's HTTP retries 1, 2, 4, 8 s apart
     log = tmp_path / "pipeline.log"
     pipeline = spawn([DDPM, "pipeline"], log, cwd=project, env=env)
     t0 = time.monotonic()
@@ -137,16 +168,17 @@ def test_the_pipeline_against_postgresql_and_s3_with_a_tracking_server_that_rest
     assert "MLflow unreachable" in text or "MLflow HTTP: Retrying" in text, text[-4000:]
 
     rest = f"{url}/api/2.0/mlflow"
-    exp_id = httpx.get(f"{rest}/experiments/get-by-name", params={"experiment_name": "ddpm"},
+    exp_id = httpx.get(f"{rest}/experiments/get-by-name", params={"experiment_name": "ddpm"}, auth=AUTH,
                        timeout=10).json()["experiment"]["experiment_id"]
-    [run_] = httpx.post(f"{rest}/runs/search", json={"experiment_ids": [exp_id]}, timeout=10).json()["runs"]
+    [run_] = httpx.post(f"{rest}/runs/search", json={"experiment_ids": [exp_id]}, auth=AUTH, timeout=10).json()["runs"]
     info = run_["info"]
     assert info["status"] == "FINISHED"
     assert info["artifact_uri"].startswith("mlflow-artifacts:/"), info["artifact_uri"]  # proxied by the server
     hist = httpx.get(f"{rest}/metrics/get-history", params={"run_id": info["run_id"], "metric_key": "train_loss"},
-                     timeout=10).json()["metrics"]
+                     auth=AUTH, timeout=10).json()["metrics"]
     assert sorted(int(m["step"]) for m in hist) == list(range(2, 41, 2))
-    alias = httpx.get(f"{rest}/registered-models/alias", params={"name": MODEL_NAME, "alias": "champion"}, timeout=10)
+    alias = httpx.get(f"{rest}/registered-models/alias", params={"name": MODEL_NAME, "alias": "champion"}, auth=AUTH,
+                      timeout=10)
     assert alias.status_code == 200 and alias.json()["model_version"]["run_id"] == info["run_id"], alias.text
     # the artifacts are in the bucket, the model's weights among them; the stages' outputs on the DVC remote
     keys = _objects(s3, "ddpm-mlflow", "artifacts/")
@@ -155,18 +187,66 @@ def test_the_pipeline_against_postgresql_and_s3_with_a_tracking_server_that_rest
     assert _objects(s3, "ddpm-dvc", "store/"), "nothing was pushed to the S3 DVC remote"
     status = run([sys.executable, "-m", "dvc", "status", "-c"], project, env=env)
     assert "new:" not in status.stdout and "missing:" not in status.stdout, status.stdout
-    page = chromium_dom(f"{url}/#/experiments/{exp_id}/runs/{info['run_id']}", tmp_path / "chromium")
+    page = chromium_dom(f"{env['MLFLOW_TRACKING_URI']}/#/experiments/{exp_id}/runs/{info['run_id']}",
+                        tmp_path / "chromium")  # the browser logs in with the URL's credentials
     assert info["run_id"] in page or info.get("run_name", "?") in page, page[-3000:]
+
+    records = _records(rest, prefect_auth, s3, project, text)
+    leaks = sorted({(where, secret) for where, data in records.items() for secret in SECRETS
+                    if secret.encode() in data})
+    assert not leaks, leaks
+    assert len(records["prefect logs"]) > 10_000 and any(k.startswith("artifact ddpm-mlflow/") for k in records)
+    assert f"{USER}:***@".encode() in records["flow report"], records["flow report"][:3000]  # masked, not absent
+
+
+def _records(rest: str, prefect: dict, s3: dict, project: Path, terminal: str) -> dict[str, bytes]:
+    """Everything a run leaves behind that a team member can read: MLflow runs (params, tags, inputs),
+    registered models and versions, every artifact object, Prefect's logs, flow and task runs (state messages,
+    parameters) and artifacts (the flow report), the project's files (params.yaml, dvc.lock, .dvc/config and
+    the cache), the DVC remote's objects, and what the terminal showed."""
+    import base64
+    import json
+
+    out: dict[str, bytes] = {"terminal": terminal.encode()}
+    exps = httpx.post(f"{rest}/experiments/search", json={"max_results": 100}, auth=AUTH, timeout=10).json()
+    ids = [e["experiment_id"] for e in exps["experiments"]]
+    out["mlflow runs"] = httpx.post(f"{rest}/runs/search", json={"experiment_ids": ids, "max_results": 1000},
+                                    auth=AUTH, timeout=10).content
+    out["mlflow models"] = httpx.post(f"{rest}/registered-models/search", json={}, auth=AUTH, timeout=10).content
+    out["mlflow versions"] = httpx.get(f"{rest}/model-versions/search", auth=AUTH, timeout=10).content
+    for bucket in ("ddpm-mlflow", "ddpm-dvc"):
+        for key in _objects(s3, bucket):
+            out[f"artifact {bucket}/{key}"] = s3["client"].get_object(Bucket=bucket, Key=key)["Body"].read()
+    api = prefect["PREFECT_API_URL"]
+    headers = {"Authorization": "Basic " + base64.b64encode(prefect["PREFECT_API_AUTH_STRING"].encode()).decode()}
+    for kind in ("logs", "flow_runs", "task_runs", "artifacts"):
+        items: list[dict] = []
+        while True:
+            page = httpx.post(f"{api}/{kind}/filter", json={"limit": 200, "offset": len(items)}, headers=headers,
+                              timeout=30)
+            assert page.status_code == 200, page.text
+            if not page.json():
+                break
+            items += page.json()
+        out[f"prefect {kind}"] = json.dumps(items).encode()
+        if kind == "artifacts":
+            out["flow report"] = "\n".join(a["data"] for a in items if a.get("key") == "ddpm-pipeline-report").encode()
+    for path in project.rglob("*"):
+        if path.is_file() and ".git" not in path.relative_to(project).parts:
+            out[f"file {path.relative_to(project)}"] = path.read_bytes()
+    return out
 
 
 # --- the pipeline on Prefect workers ----------------------------------------------------------------
 
 @pytest.fixture
-def worker_env(s3, tracking_server, prefect_api_url, tmp_path):
+def worker_env(s3, tracking_server, prefect_auth, tmp_path):
+    """Credentials from the environment, as a team member's machine has them."""
     home = tmp_path / "prefect_home"
     home.mkdir()
-    return base_env(**CREDENTIALS, MLFLOW_TRACKING_URI=tracking_server["url"], PREFECT_API_URL=prefect_api_url,
-                    PREFECT_HOME=str(home), OMP_NUM_THREADS="1")
+    return base_env(**CREDENTIALS, **prefect_auth, MLFLOW_TRACKING_URI=tracking_server["url"],
+                    MLFLOW_TRACKING_USERNAME=USER, MLFLOW_TRACKING_PASSWORD=PASSWORD, PREFECT_HOME=str(home),
+                    OMP_NUM_THREADS="1")
 
 
 SWEEP = """\
@@ -324,3 +404,39 @@ def test_workers_refuse_what_they_cannot_share(tmp_path, prefect_api_url):
         "each checkout" in _last_line(out), out.stderr[-2000:]
     out = run(["bin/ddpm", "pull-inputs"], project, check=False, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert out.returncode == 127 and "the ddpm command is not installed" in _last_line(out), out.stderr
+
+
+def test_the_servers_refuse_requests_without_valid_credentials(tmp_path, tracking_server, prefect_auth):
+    """Both shared servers refuse a request without credentials or with wrong ones (HTTP 401); the project's
+    commands then say which server refused whose credentials and what to set, as their last line, exit 2
+    (deterministic: not retried), nothing loaded or started."""
+    url, api = tracking_server["url"], prefect_auth["PREFECT_API_URL"]
+    probe = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert httpx.get(probe, timeout=10).status_code == 401
+    assert httpx.get(probe, auth=(USER, "not-the-password"), timeout=10).status_code == 401
+    assert httpx.get(probe, auth=AUTH, timeout=10).status_code == 200
+    assert httpx.get(f"{api}/admin/version", timeout=10).status_code == 401
+    assert httpx.get(f"{api}/admin/version", auth=tuple(PREFECT_AUTH.split(":")), timeout=10).status_code == 200
+
+    project = tiny_project(tmp_path)
+    no_login = base_env(MLFLOW_TRACKING_URI=url)
+    wrong = {**no_login, "MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
+    sample = [DDPM, "sample", "--no-track", "--model", f"models:/{MODEL_NAME}@champion",
+              "-S", f"sample.out_dir={tmp_path / 'samples'}"]
+    cases = [
+        (sample, no_login, f"ddpm sample: error: the MLflow server at {url} asks for credentials (HTTP 401)"),
+        (sample, wrong, f"ddpm sample: error: the MLflow server at {url} refused the credentials of user 'alice'"),
+        ([DDPM, "worker"], wrong, f"ddpm worker: error: the MLflow server at {url} refused the credentials of "
+                                  "user 'alice' while searching its experiments (HTTP 401)"),
+        ([DDPM, "serve", "--interval", "60"], base_env(PREFECT_API_URL=api),
+         f"ddpm serve: error: the Prefect server at {api} asks for credentials (HTTP 401): set PREFECT_API_AUTH_STRING"),
+        ([DDPM, "serve", "--interval", "60"], base_env(PREFECT_API_URL=api, PREFECT_API_AUTH_STRING="team:not-it"),
+         f"ddpm serve: error: the Prefect server at {api} refused PREFECT_API_AUTH_STRING (HTTP 401)"),
+        ([DDPM, "pipeline"], base_env(PREFECT_API_URL=api),
+         f"ddpm pipeline: error: the Prefect server at {api} asks for credentials (HTTP 401)"),
+    ]
+    for cmd, env, expected in cases:
+        out = run(cmd, project, check=False, env=env)
+        assert out.returncode == 2 and _last_line(out).startswith(expected), (cmd[1], (out.stdout + out.stderr)[-3000:])
+        assert "not-the-password" not in out.stdout + out.stderr and "not-it" not in out.stdout + out.stderr
+    assert not (tmp_path / "samples").exists() and not (project / "models").exists()  # nothing loaded or trained
