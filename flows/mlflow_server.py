@@ -52,7 +52,14 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
     """initdb and pg_ctl refuse to run as root: as root, run them as the package's ``postgres`` user."""
     if os.geteuid() != 0:
         return cmd
-    return ["runuser", "-u", "postgres", "--", *cmd]
+    # root's PATH may lack the sbin folders (`env -i PATH=/usr/bin:/bin`, cron): look there too
+    runuser = shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)),
+                                              None)
+    if runuser is None:
+        raise BackendUnavailable("PostgreSQL's tools refuse to run as root and runuser (util-linux) is not installed "
+                                 "to run them as the user postgres: run `ddpm mlflow-server` as another user, or give "
+                                 "--backend-store-uri postgresql://USER:PASSWORD@HOST:PORT/DB of a running PostgreSQL")
+    return [runuser, "-u", "postgres", "--", *cmd]
 
 
 def _closed_to_others(path: Path) -> Path | None:
