@@ -7,11 +7,13 @@ fixture; every wait is a bounded polling loop.
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -256,6 +258,45 @@ def test_scheduled_pipeline_runs_on_a_real_prefect_server(prefect_api, tmp_path)
         stop(serve, signal.SIGINT, grace_s=20)
     page = chromium_dom(f"{prefect_api['ui']}/runs/flow-run/{first['id']}", tmp_path / "chromium")
     assert first["name"] in page and "Cancelled" in page and "Oops" not in page, page[-3000:]
+
+
+@contextmanager
+def logged_in(upstream: str, auth: tuple[str, str]):
+    """A loopback proxy to ``upstream`` that adds the Authorization header a browser sends once its user
+    answered the login prompt: headless Chromium shows no prompt, and MLflow's UI cannot fetch from a page
+    whose URL holds credentials ("Request cannot be constructed from a URL that includes credentials")."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    login = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    hop = {"host", "authorization", "accept-encoding", "connection", "content-length", "content-encoding",
+           "transfer-encoding", "keep-alive"}
+
+    class Proxy(BaseHTTPRequestHandler):
+        def forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+            reply = httpx.request(self.command, upstream + self.path, content=body, timeout=60,
+                                  headers={**headers, "Authorization": login})
+            self.send_response(reply.status_code)
+            for k, v in reply.headers.multi_items():
+                if k.lower() not in hop:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(reply.content)))
+            self.end_headers()
+            self.wfile.write(reply.content)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def chromium_dom(url: str, profile: Path) -> str:
