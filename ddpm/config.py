@@ -156,7 +156,7 @@ class TrainConfig:
     steps: int = 1400
     batch_size: int = 32
     lr: float = 1e-3
-    lr_schedule: str = "cosine"
+    lr_schedule: str = "constant"  # after the warm-up (recipe tuning study: FD 4.41 vs 4.88 for cosine)
     lr_warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip_norm: float = 1.0  # 0: no clipping

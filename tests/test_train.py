@@ -265,7 +265,7 @@ def test_outputs_loss_curve_and_events(prepared, tmp_path):
 
 
 def test_learning_rate_warmup_then_cosine():
-    tc = TrainConfig(lr=1e-3, lr_warmup_steps=4, steps=14)
+    tc = TrainConfig(lr=1e-3, lr_warmup_steps=4, steps=14, lr_schedule="cosine")
     got = [learning_rate(s, tc) for s in (0, 1, 3, 4, 6, 9, 13, 14)]
     expected = [2.5e-4, 5e-4, 1e-3, 1e-3, 0.5e-3 * (1 + math.cos(0.2 * math.pi)), 5e-4,
                 0.5e-3 * (1 + math.cos(0.9 * math.pi)), 0.0]
