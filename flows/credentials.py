@@ -97,12 +97,17 @@ def mlflow_user(uri: str) -> str | None:
     return auth[0] if auth else None
 
 
+def prefect_setting(setting) -> str | None:
+    """A Prefect setting's value, a secret (``SecretStr``) unwrapped."""
+    value = setting.value()
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+
 def prefect_headers() -> dict[str, str]:
     """The Authorization header Prefect's own client sends, for the project's direct probes of the API."""
     from prefect.settings import PREFECT_API_AUTH_STRING
 
-    auth = PREFECT_API_AUTH_STRING.value()
-    auth = auth.get_secret_value() if hasattr(auth, "get_secret_value") else auth
+    auth = prefect_setting(PREFECT_API_AUTH_STRING)
     return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
 
 
@@ -126,7 +131,7 @@ def mlflow_refusal(status: int, uri: str, doing: str) -> CredentialsRefused:
 def prefect_refusal(api: str) -> CredentialsRefused:
     from prefect.settings import PREFECT_API_AUTH_STRING
 
-    if PREFECT_API_AUTH_STRING.value():
+    if prefect_setting(PREFECT_API_AUTH_STRING):
         return CredentialsRefused(
             f"the Prefect server at {redacted(api)} refused PREFECT_API_AUTH_STRING (HTTP 401): it does not match "
             "the server's PREFECT_SERVER_API_AUTH_STRING (user:password)")
@@ -141,11 +146,12 @@ def refusal(exc: BaseException) -> CredentialsRefused | None:
         return exc
     response = getattr(exc, "response", None)  # httpx / Prefect's PrefectHTTPStatusError
     status = getattr(response, "status_code", None)
-    if status in (401, 403) and "/api/" in str(getattr(response, "url", "")):
+    if status in (401, 403):
         from prefect.settings import PREFECT_API_URL
 
-        if str(PREFECT_API_URL.value() or "") and str(response.url).startswith(str(PREFECT_API_URL.value())):
-            return prefect_refusal(str(PREFECT_API_URL.value()))
+        api = PREFECT_API_URL.value()
+        if api and str(response.url).startswith(api):
+            return prefect_refusal(api)
     m = re.search(r"error code (401|403) != 200", str(exc))
     if m and type(exc).__name__ == "MlflowException":
         import mlflow

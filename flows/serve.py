@@ -111,9 +111,10 @@ def prefect_server(host: str = "127.0.0.1", port: int = 4200) -> int:
     ``PREFECT_API_AUTH_STRING`` is the same, and the UI asks for it; without it, beyond loopback, a warning."""
     from prefect.settings import PREFECT_SERVER_API_AUTH_STRING
 
+    from flows.credentials import prefect_setting
+
     check_port_free(host, port, "the Prefect server")
-    auth = PREFECT_SERVER_API_AUTH_STRING.value()
-    auth = auth.get_secret_value() if hasattr(auth, "get_secret_value") else auth
+    auth = prefect_setting(PREFECT_SERVER_API_AUTH_STRING)
     if auth is not None and ":" not in auth:
         raise ValueError("PREFECT_SERVER_API_AUTH_STRING must be user:password (clients send it as HTTP basic auth)")
     reach = socket.gethostname() if host in ("0.0.0.0", "::") else host

@@ -393,8 +393,9 @@ def registry_version(root: str | Path, ref: str):
     except (MlflowException, ValueError) as exc:
         from flows.credentials import refusal
 
-        if refusal(exc) is not None:  # the server refused the credentials: not a missing model
-            raise refusal(exc) from None
+        refused = refusal(exc)
+        if refused is not None:  # the server refused the credentials: not a missing model
+            raise refused from None
         raise FileNotFoundError(f"model {ref} is not in the registry at {redacted(tracking_uri(root))}: {exc}") from None
 
 
