@@ -18,6 +18,12 @@ $(BIN)/ddpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e .
+	touch $@
+
+# Only the tests need the dev extra (pytest, moto, PostgreSQL's driver, MLflow's auth app, DVC's S3 plugin):
+# `make run` does not wait for it.
+$(VENV)/.dev-extra: $(BIN)/ddpm
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
@@ -40,7 +46,7 @@ data:
 run: setup data
 	$(BIN)/ddpm pipeline $(if $(filter-out /usr/share/datasets/fashion-mnist,$(FASHION_MNIST_DIR)),-S prepare.source_path=$(FASHION_MNIST_DIR))
 
-test: setup postgresql
+test: $(VENV)/.dev-extra postgresql
 	$(BIN)/python -m pytest
 
 # Debian's PostgreSQL: `ddpm mlflow-server` starts one, and so do the scale-out tests.
