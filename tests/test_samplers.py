@@ -210,6 +210,47 @@ def test_trailing_never_leaves_the_schedule():
             assert timesteps(T, steps, "trailing")[0] == T - 1
 
 
+def test_noise_level_spacings_keep_the_count_and_the_ends():
+    """logsnr and karras visit exactly ``steps`` distinct timesteps from T-1 to 0, even where several grid points
+    round to one timestep (few T, or a zero-terminal-SNR schedule whose last log-SNR is -inf)."""
+    for T in (2, 3, 7, 25, 60):
+        for name in ("cosine", "linear") if T > 20 else ("cosine",):
+            for ztsnr in (False, True):
+                schedule = NoiseSchedule.from_name(name, T, zero_terminal_snr=ztsnr)
+                for steps in range(1, T + 1):
+                    for spacing in ("logsnr", "karras"):
+                        ts = timesteps(T, steps, spacing, schedule.alpha_bar)
+                        assert len(ts) == steps and ts == sorted(set(ts), reverse=True), (T, steps, spacing, ts)
+                        assert ts[0] == T - 1 and (steps == 1 or ts[-1] == 0), (T, steps, spacing, ts)
+
+
+def test_logsnr_spacing_is_even_in_log_snr():
+    ab = NoiseSchedule.from_name("cosine", 1000).alpha_bar
+    ts = timesteps(1000, 10, "logsnr", ab)
+    lam = [0.5 * math.log(float(ab[t]) / (1 - float(ab[t]))) for t in ts]
+    # the grid runs from sigma = 80 (lambda = -log 80) to t = 0 in 9 equal gaps (up to rounding to integer
+    # timesteps); the first step leaves from T-1
+    gap = (lam[-1] + math.log(80)) / 9
+    assert all(abs((b - a) - gap) < 0.05 * gap for a, b in zip(lam[1:], lam[2:])), (gap, lam)
+    assert lam[1] - lam[0] > 5 * gap  # from sigma ~2e4 (the clipped cosine schedule's last step)
+    assert ts == [999, 976, 934, 818, 556, 249, 86, 25, 5, 0]
+
+
+def test_karras_spacing_puts_more_steps_at_low_noise_than_trailing():
+    ab = NoiseSchedule.from_name("cosine", 1000).alpha_bar
+    karras = timesteps(1000, 20, "karras", ab)
+    # below sigma ~0.09 (t = 50 on the cosine schedule): trailing takes its last step from t = 49 to x_0
+    assert sum(t < 50 for t in karras) >= sum(t < 50 for t in timesteps(1000, 20, "trailing")) + 3
+    assert timesteps(1000, 5, "karras", ab) == [999, 965, 802, 164, 0]
+
+
+def test_noise_level_spacings_need_the_schedule():
+    with pytest.raises(ValueError, match="'karras' needs the schedule's alpha_bar"):
+        timesteps(10, 5, "karras")
+    with pytest.raises(ValueError, match="'logsnr' needs the schedule's alpha_bar of length T=10"):
+        timesteps(10, 5, "logsnr", NoiseSchedule.from_name("cosine", 20).alpha_bar)
+
+
 def test_unknown_sampler_names_the_choices():
     s = NoiseSchedule.from_name("cosine", 10)
     with pytest.raises(ValueError, match=r"'euler'.*ddpm, ddim, dpm_solver\+\+"):

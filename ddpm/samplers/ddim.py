@@ -13,7 +13,7 @@ def ddim_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...]
                 steps: int = 50, objective: str = "eps", eta: float = 0.0, timestep_spacing: str = "trailing",
                 clip_x0: bool = False, device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
     """Sample (B, C, H, W) from x_T ~ N(0, I) in ``steps`` DDIM steps; eta=0 is deterministic."""
-    ts = timesteps(schedule.T, steps, timestep_spacing)
+    ts = timesteps(schedule.T, steps, timestep_spacing, schedule.alpha_bar)
     x = initial_noise(shape, generator, device)
     for i, t in enumerate(progress_iter(ts, progress, "ddim")):
         ab_t = float(schedule.alpha_bar[t])

@@ -17,7 +17,7 @@ def ddpm_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...]
                 steps: int | None = None, objective: str = "eps", timestep_spacing: str = "leading",
                 clip_x0: bool = False, device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
     """Sample (B, C, H, W); ``steps=None`` runs all T steps of algorithm 2."""
-    ts = timesteps(schedule.T, schedule.T if steps is None else steps, timestep_spacing)
+    ts = timesteps(schedule.T, schedule.T if steps is None else steps, timestep_spacing, schedule.alpha_bar)
     x = initial_noise(shape, generator, device)
     for i, t in enumerate(progress_iter(ts, progress, "ddpm")):
         ab_t = float(schedule.alpha_bar[t])

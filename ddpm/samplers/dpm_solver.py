@@ -32,7 +32,7 @@ def dpm_solver_pp_2m_sample(model: Denoiser, schedule: NoiseSchedule, shape: tup
                             timestep_spacing: str = "trailing", clip_x0: bool = False,
                             device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
     """Sample (B, C, H, W) in ``steps`` network evaluations (10-25 is its intended range)."""
-    ts = timesteps(schedule.T, steps, timestep_spacing)
+    ts = timesteps(schedule.T, steps, timestep_spacing, schedule.alpha_bar)
     x = initial_noise(shape, generator, device)
     x0_prev, h_prev = None, None
     for i, t in enumerate(progress_iter(ts, progress, "dpm_solver++")):
@@ -65,7 +65,7 @@ def dpm_solver_pp_2m_sde_sample(model: Denoiser, schedule: NoiseSchedule, shape:
         x_t = sigma_t / sigma_s * e^-h * x_s + alpha_t * (1 - e^-2h) * (D0 + D1 / 2)
               + sigma_t * sqrt(1 - e^-2h) * z,        D0 = x0_s,  D1 = (x0_s - x0_prev) * h / h_prev
     """
-    ts = timesteps(schedule.T, steps, timestep_spacing)
+    ts = timesteps(schedule.T, steps, timestep_spacing, schedule.alpha_bar)
     x = initial_noise(shape, generator, device)
     x0_prev, h_prev = None, None
     for i, t in enumerate(progress_iter(ts, progress, "dpm_solver++_sde")):
