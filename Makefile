@@ -14,11 +14,13 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup data run test postgresql clean prefect-server mlflow-ui mlflow-server deploy worker sweep bench-train gpu-wheels
 
+# --no-compile: Python compiles what a command imports on first use (into .venv), instead of every module of
+# every package at install time (about a minute on the 2-core CPU).
 $(BIN)/ddpm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -e .
+	$(BIN)/python -m pip install --no-compile "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --no-compile -e .
 	touch $@
 
 # Only the tests need the dev extra (pytest, moto, PostgreSQL's driver, MLflow's auth app, DVC's S3 plugin):
