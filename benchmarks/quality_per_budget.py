@@ -20,8 +20,8 @@ to 32), beside the real-data floor: N training images against the same test imag
     python benchmarks/quality_per_budget.py --n 2000 --phases sample --out q      # then score here
 
 Cost outside the budget: sampling (the course model: N x 100 forward passes of an 18.5 M-parameter
-UNet, 19 ms an image at batch 50, about 65 min for N = 2,000 on the 2-core CPU) and 3N Inception
-passes (0.1-0.3 s an image there).
+UNet, 19 ms an image at batch 50; N = 2,000 took about 75 min on the 2-core CPU) and 3N Inception
+passes (0.1-0.3 s an image there; about 12 min for N = 2,000).
 Benchmark only: diffusers is the ``bench`` extra.
 """
 
