@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -170,24 +171,36 @@ def _save(out: Path, name: str, images: np.ndarray, device: torch.device) -> Non
     save_png(out / f"samples_{name}.png", grid(images[:64], nrow=8), scale=2)
 
 
+def _scored_inputs(out: Path, n: int) -> dict[str, tuple[dict, np.ndarray]]:
+    """Each recipe's stats and first n samples, checked before any Inception pass (minutes on a CPU)."""
+    inputs = {}
+    for name in ("ours", "course"):
+        paths = [out / f"stats_{name}.json", out / f"samples_{name}.npz"]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise SystemExit(f"{', '.join(missing)} not found: run --phases train and sample into --out {out} first")
+        images = np.load(paths[1])["images"][:n]
+        if len(images) < n:
+            raise SystemExit(f"{out}/samples_{name}.npz holds {len(images)} samples, fewer than --n {n}")
+        inputs[name] = json.loads(paths[0].read_text()), images
+    return inputs
+
+
 def score(args, device: torch.device, prepared: Path, out: Path) -> str:
     """Inception FID of each recipe's samples against N padded test images, and the real-data floor."""
+    inputs = _scored_inputs(out, args.n)
     train_images, test_images = load_split(prepared, "train").images, load_split(prepared, "test").images
     f_test = inception_features(pad32(test_images[draw(args.n, len(test_images), 0)]), device, desc="inception test")
     real = pad32(train_images[draw(args.n, len(train_images), 1)])
     floor = frechet_distance_features(f_test, inception_features(real, device, desc="inception train"))
     lines = [f"# Quality per training budget: {args.budget:.0f} s each, Inception FID at N = {args.n}", "",
-             f"- command: `python {' '.join(sys.argv)}`",
+             f"- command: `python {shlex.join(sys.argv)}`",
              f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              f"- Inception on {device}, torch {torch.__version__}{'; ' + args.where if args.where else ''}", "",
              f"| recipe | model | trained on | sampler, sampled on | train s | steps | images seen | "
              f"fid_inception_n{args.n} |", "|---|---|---|---|---:|---:|---:|---:|"]
     fids = {}
-    for name in ("ours", "course"):
-        stats = json.loads((out / f"stats_{name}.json").read_text())
-        images = np.load(out / f"samples_{name}.npz")["images"][:args.n]
-        if len(images) < args.n:
-            raise SystemExit(f"{out}/samples_{name}.npz holds {len(images)} samples, fewer than --n {args.n}")
+    for name, (stats, images) in inputs.items():
         fids[name] = frechet_distance_features(f_test, inception_features(images, device, desc=f"inception {name}"))
         lines.append(f"| {stats['recipe']} | {stats['model']} | {stats.get('trained_on', '')} | {stats['sampler']}, "
                      f"{stats.get('sampled_on', '')} | {stats['train_seconds']:.0f} | {stats['steps']} | "
