@@ -56,6 +56,7 @@ from ddpm.metrics import frechet_distance_features  # noqa: E402
 from ddpm.prepare import load_split, prepare  # noqa: E402
 from ddpm.reference import draw  # noqa: E402
 from ddpm.sample import generate  # noqa: E402
+from ddpm.sources import DataSourceError  # noqa: E402
 from ddpm.train import train  # noqa: E402
 
 
@@ -231,9 +232,14 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="qpb-"))
     out = Path(args.out) if args.out else workdir
     out.mkdir(parents=True, exist_ok=True)
+    if args.phases == ["score"]:
+        _scored_inputs(out, args.n)  # before preparing the data: a missing input is named in seconds
     prepared = workdir / "prepared"
-    prepare(config.load(args.params, [f"prepare.source_path={args.source}",
-                                      f"prepare.out_dir={prepared}"]).prepare)
+    try:
+        prepare(config.load(args.params, [f"prepare.source_path={args.source}",
+                                          f"prepare.out_dir={prepared}"]).prepare)
+    except DataSourceError as e:
+        raise SystemExit(f"--source: {e}") from None
     if "train" in args.phases:
         train_recipes(args, device, prepared, workdir, out)
     if "sample" in args.phases:
