@@ -388,7 +388,11 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_with_its_path(prepar
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--no-track", "--params", str(params)],
+    # No bytecode written under the limit: Python does not check for a short write, so a module this process is
+    # the first to import (e.g. `tabulate` at exit) would leave a .pyc cut at 64 KiB in the venv, and every later
+    # import of it fails ("EOFError: marshal data too short"). `pip install --no-compile` leaves them to be written.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--no-track", "--params", str(params)], env=env,
                          cwd=PROJECT_ROOT, capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
     ckpt_dir = checkpoint_dir(cfg, prepared)
     assert out.returncode == 2, out.stderr[-2000:]
