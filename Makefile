@@ -49,7 +49,7 @@ run: setup data
 	$(BIN)/ddpm pipeline $(if $(filter-out /usr/share/datasets/fashion-mnist,$(FASHION_MNIST_DIR)),-S prepare.source_path=$(FASHION_MNIST_DIR))
 
 # Two pytest workers (pytest-xdist), a test file each at a time (module fixtures start once): most of the slow
-# tests wait on servers, Chromium and subprocesses, so two share the 2-core CPU well (12.5 instead of 16 min).
+# tests wait on servers, Chromium and subprocesses, so two share the 2-core CPU well (README: what it costs).
 TEST_WORKERS ?= 2
 test: $(VENV)/.dev-extra postgresql
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
