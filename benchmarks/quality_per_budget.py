@@ -182,14 +182,14 @@ def _scored_inputs(out: Path, n: int) -> dict[str, tuple[dict, np.ndarray]]:
             raise SystemExit(f"{', '.join(missing)} not found: run --phases train and sample into --out {out} first")
         images = np.load(paths[1])["images"][:n]
         if len(images) < n:
-            raise SystemExit(f"{out}/samples_{name}.npz holds {len(images)} samples, fewer than --n {n}")
+            raise SystemExit(f"{paths[1]} holds {len(images)} samples, fewer than --n {n}")
         inputs[name] = json.loads(paths[0].read_text()), images
     return inputs
 
 
-def score(args, device: torch.device, prepared: Path, out: Path) -> str:
-    """Inception FID of each recipe's samples against N padded test images, and the real-data floor."""
-    inputs = _scored_inputs(out, args.n)
+def score(args, device: torch.device, prepared: Path, inputs: dict[str, tuple[dict, np.ndarray]]) -> str:
+    """Inception FID of each recipe's samples (``_scored_inputs``) against N padded test images, and the
+    real-data floor."""
     train_images, test_images = load_split(prepared, "train").images, load_split(prepared, "test").images
     f_test = inception_features(pad32(test_images[draw(args.n, len(test_images), 0)]), device, desc="inception test")
     real = pad32(train_images[draw(args.n, len(train_images), 1)])
@@ -232,8 +232,8 @@ def main() -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="qpb-"))
     out = Path(args.out) if args.out else workdir
     out.mkdir(parents=True, exist_ok=True)
-    if args.phases == ["score"]:
-        _scored_inputs(out, args.n)  # before preparing the data: a missing input is named in seconds
+    # scoring alone: its inputs checked before the data are prepared, so a missing one is named in seconds
+    scored = _scored_inputs(out, args.n) if args.phases == ["score"] else None
     prepared = workdir / "prepared"
     try:
         prepare(config.load(args.params, [f"prepare.source_path={args.source}",
@@ -245,7 +245,7 @@ def main() -> int:
     if "sample" in args.phases:
         sample_recipes(args, device, out)
     if "score" in args.phases:
-        text = score(args, device, prepared, out)
+        text = score(args, device, prepared, scored or _scored_inputs(out, args.n))
         (out / "quality_per_budget.md").write_text(text)
         print(text)
     return 0
